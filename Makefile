@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU development pins; pyproject.toml admits the GPU images' torch 2.11 / torchvision 0.26 too.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test install clean
+
+$(BIN)/ssltrain: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PINS)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/ssltrain
+
+# The main job on the embedded data: make shards, pretrain, evaluate against a random-init backbone.
+demo: install
+	$(BIN)/ssltrain shards shapes --out data/shapes --train 6000 --val 1000
+	$(BIN)/ssltrain train configs/demo.yaml
+	$(BIN)/ssltrain eval runs/demo
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs data .pytest_cache

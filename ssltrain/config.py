@@ -1,0 +1,241 @@
+"""Typed experiment configuration: dataclasses, filled from a YAML file plus ``key=value`` overrides.
+
+OmegaConf validates types and rejects unknown keys; we re-raise its errors as :class:`ConfigError` with the
+full key and, for unknown keys, the list of valid ones, because a typo in a 3-day run's config should fail in
+the first second with a message that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class CropConfig:
+    """One group of crops (global or local) of the multi-crop recipe, with per-view augmentation probabilities.
+
+    ``blur_p`` and ``solarize_p`` are lists indexed by the view number inside the group (the last value repeats),
+    which expresses the asymmetric BYOL/DINO recipe (view 1 always blurred, view 2 sometimes solarized).
+    """
+
+    count: int = 2
+    size: int = 224
+    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: List[float] = field(default_factory=lambda: [1.0, 0.1])
+    blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])
+    solarize_p: List[float] = field(default_factory=lambda: [0.0, 0.2])
+
+
+@dataclass
+class AugmentConfig:
+    """The multi-crop AugmentSpec as data: any number of global and local crops."""
+
+    global_crops: CropConfig = field(default_factory=CropConfig)
+    local_crops: CropConfig = field(
+        default_factory=lambda: CropConfig(count=0, size=96, scale=[0.05, 0.4], blur_p=[0.5], solarize_p=[0.0])
+    )
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class DataConfig:
+    train: str = "???"  # shard paths: a directory, a glob, a brace pattern, or several separated by commas
+    batch_size: int = 256  # global batch, over all ranks
+    workers: int = 2  # DataLoader worker processes per rank
+    shuffle: bool = True
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # resnet18 | resnet50
+    small_stem: bool = False  # 3x3 stride-1 stem and no max-pool, for 32-64 px images
+
+
+@dataclass
+class VICRegConfig:
+    sim_weight: float = 25.0
+    var_weight: float = 25.0
+    cov_weight: float = 1.0
+    gamma: float = 1.0
+    eps: float = 1e-4
+
+
+@dataclass
+class SimCLRConfig:
+    temperature: float = 0.1
+
+
+@dataclass
+class MethodConfig:
+    name: str = "vicreg"  # vicreg | simclr
+    projector: List[int] = field(default_factory=lambda: [2048, 2048, 2048])  # hidden..., output widths
+    vicreg: VICRegConfig = field(default_factory=VICRegConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"  # lars | adamw
+    lr: float = 0.2  # base learning rate per 256 samples of global batch
+    weight_decay: float = 1e-6
+    momentum: float = 0.9  # LARS
+    eta: float = 0.001  # LARS trust coefficient
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.001  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 0.0  # max global grad norm; 0 disables
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps between checkpoints (one is always written at the end)
+    keep: int = 3  # most recent complete checkpoints kept
+    resume: bool = True  # continue from the latest complete checkpoint in the run directory
+
+
+@dataclass
+class EvalConfig:
+    train: str = ""  # labeled shards for the probe's training set (kNN memory bank)
+    val: str = ""  # labeled held-out shards the probes are scored on
+    batch_size: int = 256
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    linear_epochs: int = 100
+    linear_lr: float = 0.1
+    linear_weight_decay: float = 1e-4
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+    steps: int = 1000  # optimizer steps of the whole schedule (resumed runs continue to it)
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    log_every: int = 10
+    progress: bool = True
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+_CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "precision": ("auto", "bf16", "fp32"),
+    "model.backbone": ("resnet18", "resnet50"),
+    "method.name": ("vicreg", "simclr"),
+    "optim.name": ("lars", "adamw"),
+}
+
+
+def _valid_keys(node: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+def _node_at(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in [p for p in dotted.split(".") if p]:
+        node = getattr(node, part, None)
+    return node
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, ConfigKeyError):
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        valid = _valid_keys(_node_at(Config(), parent))
+        where = f"under '{parent}'" if parent else "at the top level"
+        return ConfigError(
+            f"{source}: unknown config key '{key}'. Valid keys {where}: {', '.join(valid)}"
+        )
+    msg = str(err).splitlines()[0]
+    return ConfigError(f"{source}: bad value for '{key}': {msg}")
+
+
+def _check(cfg: Config, source: str) -> None:
+    for key, allowed in _CHOICES.items():
+        value = _node_at(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{source}: '{key}' is {value!r}; choose one of {', '.join(allowed)}")
+    if cfg.data.train == "???":
+        raise ConfigError(f"{source}: 'data.train' is required: a shard directory or pattern (make some with `ssltrain shards`)")
+    positive = ["steps", "data.batch_size", "checkpoint.every", "checkpoint.keep", "augment.global_crops.count"]
+    for key in positive:
+        if _node_at(cfg, key) <= 0:
+            raise ConfigError(f"{source}: '{key}' must be positive, got {_node_at(cfg, key)}")
+    for group in ("global_crops", "local_crops"):
+        crop: CropConfig = getattr(cfg.augment, group)
+        for name in ("scale", "ratio", "blur_sigma"):
+            pair = getattr(crop, name)
+            if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+                raise ConfigError(f"{source}: 'augment.{group}.{name}' must be [low, high] with 0 < low <= high, got {pair}")
+        for name in ("blur_p", "solarize_p"):
+            if not getattr(crop, name):
+                raise ConfigError(f"{source}: 'augment.{group}.{name}' needs at least one probability")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a :class:`Config` from defaults, an optional YAML file, then ``key=value`` overrides (dotlist)."""
+    schema: DictConfig = OmegaConf.structured(Config)
+    source = str(path) if path else "defaults"
+    try:
+        merged = schema
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file '{path}' does not exist")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. optim.lr=0.1)")
+            source = f"{source} + overrides"
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except (ConfigKeyError, ValidationError) as err:
+        raise _explain(err, source) from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {str(err).splitlines()[0]}") from None
+    _check(cfg, source)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml_text(text: str, source: str = "checkpoint") -> Config:
+    """Rebuild a Config from the resolved YAML stored in a run directory or checkpoint."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise _explain(err, source) from None
