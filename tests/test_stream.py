@@ -1,0 +1,134 @@
+"""The sample stream: order independent of ranks/workers, exact resume, index format, random access."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import png_bytes
+from ssltrain.config import AugmentConfig, CropConfig
+from ssltrain.data.augment import CPURenderer
+from ssltrain.data.loader import AugmentedShards, make_loader
+from ssltrain.data.shards import index_path_for, read_index, scan_tar
+from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog, epoch_permutation
+
+
+def global_batches(num: int, batch: int, world: int, start: int = 0, end: int | None = None, seed: int = 3):
+    """Reassemble global batches from every rank's slices, as a list of lists of (id, position)."""
+    per_rank = [list(GlobalBatchSampler(num, batch, seed, start, end, rank=r, world_size=world)) for r in range(world)]
+    return [sum((per_rank[r][b] for r in range(world)), []) for b in range(len(per_rank[0]))]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 6])
+def test_global_batches_do_not_depend_on_world_size(world: int) -> None:
+    reference = global_batches(50, 12, 1, end=12 * 10)
+    assert global_batches(50, 12, world, end=12 * 10) == reference
+
+
+def test_each_epoch_is_a_permutation_without_repeats() -> None:
+    num, batch = 50, 12
+    per_epoch = (num // batch) * batch
+    batches = global_batches(num, batch, 2, end=per_epoch * 3)
+    ids = [i for b in batches for i, _ in b]
+    epochs = [ids[e * per_epoch : (e + 1) * per_epoch] for e in range(3)]
+    for e in epochs:
+        assert len(set(e)) == per_epoch  # no sample twice within an epoch (the remainder is dropped)
+    assert epochs[0] != epochs[1]  # reshuffled every epoch
+    positions = [p for b in batches for _, p in b]
+    assert positions == list(range(per_epoch * 3))
+
+
+def test_resume_at_any_batch_boundary_continues_the_same_sequence() -> None:
+    full = global_batches(50, 12, 1, end=12 * 9)
+    for k in (1, 4, 5, 8):
+        assert global_batches(50, 12, 2, start=12 * k, end=12 * 9) == full[k:]
+
+
+def test_order_is_a_function_of_seed_and_epoch() -> None:
+    assert np.array_equal(epoch_permutation(100, 7, 2), epoch_permutation(100, 7, 2))
+    assert not np.array_equal(epoch_permutation(100, 7, 2), epoch_permutation(100, 8, 2))
+    assert not np.array_equal(epoch_permutation(100, 7, 2), epoch_permutation(100, 7, 3))
+    assert np.array_equal(epoch_permutation(10, 7, 2, shuffle=False), np.arange(10))
+
+
+def test_sampler_rejects_impossible_layouts() -> None:
+    with pytest.raises(ValueError, match="not divisible by the world size"):
+        GlobalBatchSampler(50, 12, 0, world_size=5)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        GlobalBatchSampler(10, 12, 0)
+    with pytest.raises(ValueError, match="batch boundary"):
+        GlobalBatchSampler(50, 12, 0, start=5)
+
+
+def test_index_is_dali_v12_and_reused(shard_dir: Path) -> None:
+    tar = sorted(shard_dir.glob("*.tar"))[0]
+    lines = index_path_for(tar).read_text().splitlines()
+    assert lines[0] == "v1.2 20"
+    fields = lines[1].split()
+    assert len(fields) == 8 and {fields[0], fields[4]} == {"png", "cls"}
+    assert read_index(tar).samples == scan_tar(tar).samples
+    # the offsets point at the member data
+    entry = read_index(tar).samples[3]
+    with open(tar, "rb") as f:
+        f.seek(entry.components["png"].offset)
+        assert f.read(entry.components["png"].size) == png_bytes(3)
+
+
+def test_index_rebuilt_when_missing(shard_dir: Path) -> None:
+    tar = sorted(shard_dir.glob("*.tar"))[1]
+    idx = index_path_for(tar)
+    expected = idx.read_text()
+    idx.unlink()
+    catalog = ShardCatalog.from_spec(str(shard_dir))
+    assert len(catalog) == 53
+    assert idx.read_text() == expected
+
+
+def test_catalog_random_access(shard_dir: Path) -> None:
+    catalog = ShardCatalog.from_spec(str(shard_dir / "*.tar"))
+    assert len(catalog) == 53 and catalog.has_labels
+    for i in (0, 19, 20, 52):
+        raw = catalog.read(i)
+        assert raw.key == f"s{i:06d}" and raw.image == png_bytes(i) and raw.label == i % 5
+    assert catalog.labels().tolist() == [i % 5 for i in range(53)]
+
+
+def _render_spec() -> AugmentConfig:
+    crop = CropConfig(count=2, size=12, scale=[0.3, 1.0], blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2])
+    return AugmentConfig(global_crops=crop, local_crops=CropConfig(count=2, size=8, scale=[0.1, 0.4], blur_p=[0.5], solarize_p=[0.0]))
+
+
+def _batches(catalog: ShardCatalog, workers: int, start: int = 0, world: int = 1, rank: int = 0):
+    sampler = GlobalBatchSampler(len(catalog), 8, 11, start=start, end=8 * 8, rank=rank, world_size=world)
+    loader = make_loader(AugmentedShards(catalog, CPURenderer(_render_spec()), 11), workers, batch_sampler=sampler)
+    return list(loader)
+
+
+def test_views_do_not_depend_on_workers_and_resume_exactly(shard_dir: Path) -> None:
+    catalog = ShardCatalog.from_spec(str(shard_dir))
+    serial = _batches(catalog, 0)
+    parallel = _batches(catalog, 2)
+    resumed = _batches(catalog, 2, start=8 * 5)
+    assert len(serial) == 8 and [v.global_views[0].shape for v in serial[:1]] == [torch.Size([8, 3, 12, 12])]
+    assert serial[0].local_views[1].shape == (8, 3, 8, 8)
+    for a, b in zip(serial, parallel):
+        assert torch.equal(a.index, b.index) and torch.equal(a.label, b.label)
+        for va, vb in zip(a.global_views + a.local_views, b.global_views + b.local_views):
+            assert torch.equal(va, vb)
+    for a, b in zip(serial[5:], resumed):
+        assert torch.equal(a.index, b.index)
+        assert all(torch.equal(va, vb) for va, vb in zip(a.global_views, b.global_views))
+    # two views of one sample differ (they are augmented independently)
+    assert not torch.equal(serial[0].global_views[0], serial[0].global_views[1])
+
+
+def test_rank_slices_reassemble_the_single_process_batch(shard_dir: Path) -> None:
+    catalog = ShardCatalog.from_spec(str(shard_dir))
+    single = _batches(catalog, 0)
+    ranks = [_batches(catalog, 0, world=2, rank=r) for r in range(2)]
+    for b, whole in enumerate(single):
+        joined = torch.cat([ranks[0][b].global_views[1], ranks[1][b].global_views[1]])
+        assert torch.equal(joined, whole.global_views[1])
