@@ -1,0 +1,192 @@
+"""The sample stream: which sample comes at which global position, and how positions map to ranks.
+
+Global position ``p`` (a count of samples since the run began) lies in epoch ``p // samples_per_epoch``; the epoch's
+order is a permutation drawn from (seed, epoch) over the catalog, the concatenation of all shards in path order.
+Global batch ``b`` is positions ``[b*G, (b+1)*G)``; rank ``r`` of ``W`` takes the ``r``-th contiguous slice of it.
+So the order depends on the seed, the epoch and the data only, never on the number of ranks or workers, and a run
+resumed at any global position (on any world size dividing the batch) sees exactly the samples it would have seen.
+The last incomplete global batch of an epoch is dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ssltrain.data.shards import IMAGE_EXTS, DataError, ShardIndex, expand_shards, load_indices
+
+
+@dataclass
+class RawSample:
+    key: str
+    shard: Path
+    image: bytes | None  # None when the sample has no image component or its bytes lie past a truncated end
+    label: int | None
+    problem: str = ""  # why the image is missing
+
+
+class ShardCatalog:
+    """Random access to the samples of a set of shards by global sample id (0..len-1).
+
+    Per-sample locations are held in numpy arrays (a few dozen bytes a sample), and reads use ``os.pread``, which
+    has no shared file offset, so forked DataLoader workers can share descriptors safely.
+    """
+
+    def __init__(self, indices: list[ShardIndex], spec: str = "") -> None:
+        if not indices:
+            raise DataError(f"no readable samples in shards '{spec}'; check them with `ssltrain shards` or re-write them")
+        self.paths = [idx.path for idx in indices]
+        self.spec = spec
+        self.keys: list[str] = []
+        shard, img_off, img_size, cls_off, cls_size = [], [], [], [], []
+        for sid, idx in enumerate(indices):
+            for entry in idx.samples:
+                self.keys.append(entry.key)
+                shard.append(sid)
+                image = next((entry.components[e] for e in IMAGE_EXTS if e in entry.components), None)
+                img_off.append(image.offset if image else -1)
+                img_size.append(image.size if image else -1)
+                cls = entry.components.get("cls")
+                cls_off.append(cls.offset if cls else -1)
+                cls_size.append(cls.size if cls else -1)
+        self.shard = np.asarray(shard, dtype=np.int32)
+        self.img_off = np.asarray(img_off, dtype=np.int64)
+        self.img_size = np.asarray(img_size, dtype=np.int64)
+        self.cls_off = np.asarray(cls_off, dtype=np.int64)
+        self.cls_size = np.asarray(cls_size, dtype=np.int64)
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    @classmethod
+    def from_spec(cls, spec: str, what: str = "data.train") -> "ShardCatalog":
+        return cls(load_indices(expand_shards(spec, what)), spec)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def has_labels(self) -> bool:
+        return bool((self.cls_size >= 0).all())
+
+    def _fd(self, sid: int) -> int:
+        if self._pid != os.getpid():  # a forked worker opens its own descriptors
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(sid)
+        if fd is None:
+            try:
+                fd = os.open(self.paths[sid], os.O_RDONLY)
+            except OSError as err:
+                raise DataError(f"cannot open shard '{self.paths[sid]}': {err.strerror}") from None
+            self._fds[sid] = fd
+        return fd
+
+    def read(self, i: int) -> RawSample:
+        sid = int(self.shard[i])
+        path = self.paths[sid]
+        fd = self._fd(sid)
+        label = None
+        if self.cls_size[i] >= 0:
+            raw = os.pread(fd, int(self.cls_size[i]), int(self.cls_off[i]))
+            try:
+                label = int(raw.decode().strip())
+            except ValueError:
+                return RawSample(self.keys[i], path, None, None, f"label {raw[:20]!r} is not an integer")
+        if self.img_size[i] < 0:
+            return RawSample(self.keys[i], path, None, label, "sample has no image component")
+        data = os.pread(fd, int(self.img_size[i]), int(self.img_off[i]))
+        if len(data) != self.img_size[i]:
+            return RawSample(self.keys[i], path, None, label, "image bytes lie past the end of a truncated shard")
+        return RawSample(self.keys[i], path, data, label)
+
+    def labels(self) -> torch.Tensor:
+        """All labels (for probes); an unlabeled catalog is an error, since probes need labels."""
+        if not self.has_labels:
+            missing = int((self.cls_size < 0).sum())
+            raise DataError(f"{missing} samples in '{self.spec}' have no .cls label; probes need labeled shards")
+        return torch.tensor([self.read_label(i) for i in range(len(self))], dtype=torch.long)
+
+    def read_label(self, i: int) -> int:
+        raw = os.pread(self._fd(int(self.shard[i])), int(self.cls_size[i]), int(self.cls_off[i]))
+        return int(raw.decode().strip())
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_fds"] = {}
+        return state
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in getattr(self, "_fds", {}).values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The order of epoch ``epoch``: a permutation drawn from (seed, epoch) only (numpy PCG64 via SeedSequence)."""
+    if not shuffle:
+        return np.arange(num_samples)
+    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
+def sample_seed(seed: int, position: int) -> int:
+    """Seed for the augmentations of the sample at a global position (splitmix64 of the pair)."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+class GlobalBatchSampler:
+    """For one rank, yields its slice of every global batch from ``start`` to ``end`` (global positions).
+
+    Each item is a list of ``(sample_id, position)`` pairs: the id says what to read, the position seeds its
+    augmentations. Skipping to ``start`` costs nothing: no sample before it is read or decoded.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch: int,
+        seed: int,
+        start: int = 0,
+        end: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ) -> None:
+        if global_batch % world_size:
+            raise DataError(f"global batch {global_batch} is not divisible by the world size {world_size}")
+        if num_samples < global_batch:
+            raise DataError(f"the data holds {num_samples} samples, fewer than one global batch of {global_batch}; lower data.batch_size")
+        if start % global_batch:
+            raise DataError(f"start position {start} is not at a global batch boundary ({global_batch})")
+        self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.local_batch = global_batch // world_size
+        self.samples_per_epoch = (num_samples // global_batch) * global_batch
+        self.start = start
+        self.end = end if end is not None else start + self.samples_per_epoch
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_permutation(self.num_samples, self.seed, epoch, self.shuffle))
+        return self._order[1]
+
+    def __len__(self) -> int:
+        return max(0, (self.end - self.start) // self.global_batch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch_start in range(self.start, self.start + len(self) * self.global_batch, self.global_batch):
+            epoch, offset = divmod(batch_start, self.samples_per_epoch)
+            lo = offset + self.rank * self.local_batch
+            ids = self.order(epoch)[lo : lo + self.local_batch].tolist()
+            first = batch_start + self.rank * self.local_batch
+            yield [(sid, first + j) for j, sid in enumerate(ids)]
