@@ -1,0 +1,115 @@
+"""``ssltrain`` command line: ``shards``, ``train``, ``eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from ssltrain.checkpoint import CheckpointError
+from ssltrain.config import ConfigError, load_config
+from ssltrain.data.shards import DataError
+
+log = logging.getLogger("ssltrain")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    warnings.simplefilter("default")
+    logging.captureWarnings(True)
+
+
+def _write(samples, out: Path, prefix: str, max_count: int) -> list[Path]:
+    from ssltrain.data.shards import write_shards
+
+    start = time.perf_counter()
+    paths = write_shards(samples, out, prefix, max_count=max_count)
+    log.info("wrote %d shards to %s/%s-*.tar in %.1fs", len(paths), out, prefix, time.perf_counter() - start)
+    return paths
+
+
+def cmd_shards(args: argparse.Namespace) -> None:
+    from ssltrain.data import embedded, folders
+
+    out = Path(args.out)
+    if args.source == "shapes":
+        _write(embedded.shapes_samples("train", args.train, args.seed, args.size), out, "train", args.shard_size)
+        _write(embedded.shapes_samples("val", args.val, args.seed, args.size), out, "val", args.shard_size)
+        (out / "classes.json").write_text(json.dumps(list(embedded.SHAPES_CLASSES)))
+    elif args.source == "digits":
+        _write(embedded.digits_samples("train", args.seed, args.size), out, "train", args.shard_size)
+        _write(embedded.digits_samples("val", args.seed, args.size), out, "val", args.shard_size)
+        (out / "classes.json").write_text(json.dumps([str(i) for i in range(10)]))
+    elif args.source == "imagefolder":
+        classes, samples = folders.imagefolder_samples(Path(args.root))
+        _write(samples, out, args.prefix, args.shard_size)
+        (out / "classes.json").write_text(json.dumps(classes))
+    elif args.source == "unlabeled":
+        _write(folders.unlabeled_samples(Path(args.root)), out, args.prefix, args.shard_size)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from ssltrain.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg)
+    print(f"run directory: {run_dir}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from ssltrain.eval.evaluate import evaluate_run, format_table
+
+    results = evaluate_run(Path(args.run_dir), Path(args.checkpoint) if args.checkpoint else None)
+    step = json.loads((Path(args.run_dir) / "eval.json").read_text())["step"]
+    print(format_table(results, step))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssltrain", description="Self-supervised pretraining of vision encoders.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    shards = sub.add_parser("shards", help="write WebDataset shards (with DALI-compatible .idx files)")
+    shards.add_argument("source", choices=["shapes", "digits", "imagefolder", "unlabeled"],
+                        help="embedded sets (shapes, digits) or your images (class-folder tree, or any folder)")
+    shards.add_argument("root", nargs="?", help="input folder for imagefolder / unlabeled")
+    shards.add_argument("--out", required=True, help="output directory for the .tar and .idx files")
+    shards.add_argument("--prefix", default="train", help="shard name prefix for folder sources")
+    shards.add_argument("--shard-size", type=int, default=10_000, help="samples per shard")
+    shards.add_argument("--train", type=int, default=6000, help="shapes: training images")
+    shards.add_argument("--val", type=int, default=1000, help="shapes: held-out images")
+    shards.add_argument("--size", type=int, default=32, help="embedded sets: image side in pixels")
+    shards.add_argument("--seed", type=int, default=0)
+    shards.set_defaults(func=cmd_shards)
+
+    train = sub.add_parser("train", help="pretrain: ssltrain train CONFIG [key=value ...]")
+    train.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.3 data.batch_size=128")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="kNN and linear probes of a run vs. a random-init backbone")
+    evaluate.add_argument("run_dir", help="runs/<name>")
+    evaluate.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
+    evaluate.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "shards" and args.source in ("imagefolder", "unlabeled") and not args.root:
+        print(f"ssltrain shards {args.source}: give the input folder, e.g. ssltrain shards {args.source} ~/images --out data/mine", file=sys.stderr)
+        return 2
+    _setup_logging()
+    try:
+        args.func(args)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
+        print(f"ssltrain {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
