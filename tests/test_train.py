@@ -1,0 +1,114 @@
+"""End-to-end training: exact resume, crash safety, logs, bad input reaching the trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_shards, tiny_config
+from ssltrain.checkpoint import CheckpointError, Checkpointer, load_checkpoint
+from ssltrain.config import to_yaml
+from ssltrain.metrics import read_metrics
+from ssltrain.train import train
+
+
+def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(Checkpointer(run_dir / "checkpoints").latest())["model"]
+
+
+def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def test_stopped_and_resumed_run_equals_uninterrupted_run(shard_dir: Path, tmp_path: Path) -> None:
+    whole = train(tiny_config(tmp_path / "a", str(shard_dir), **{"data.workers": 2}))
+    cfg = tiny_config(tmp_path / "b", str(shard_dir), **{"data.workers": 2})
+    train(cfg, stop_after_steps=3)  # stops mid-epoch (6 batches an epoch), checkpointing step 3 first
+    assert Checkpointer(cfg.run_dir / "checkpoints").latest().name == "step-3"
+    resumed = train(cfg)
+    assert_same_params(final_params(whole), final_params(resumed))
+    steps = [r["step"] for r in read_metrics(resumed / "metrics.jsonl")]
+    assert steps == list(range(1, 7))  # no record twice, none missing
+    # optimizer state and schedule position match too
+    sa, sb = load_checkpoint(whole / "checkpoints/step-6"), load_checkpoint(resumed / "checkpoints/step-6")
+    assert sa["data_position"] == sb["data_position"] == 6 * 8
+    for ka, kb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert all(torch.equal(ka[k], kb[k]) for k in ka)
+
+
+def test_kill_minus_nine_at_any_moment_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    make_shards(data, [64, 64])
+    overrides = {"steps": 14, "checkpoint.every": 2, "checkpoint.keep": 2}
+    cfg = tiny_config(tmp_path, str(data), **overrides)
+    cfg.run_dir.mkdir(parents=True)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(to_yaml(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "ssltrain.cli", "train", str(config_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = cfg.run_dir / "checkpoints"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (ckpts / "step-4").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.3)  # land somewhere inside a later step or checkpoint write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed; the test proved nothing"
+    latest = Checkpointer(ckpts).latest()
+    assert latest is not None and int(latest.name.split("-")[1]) >= 4
+    load_checkpoint(latest)  # complete and loadable
+    resumed = train(cfg)
+    uninterrupted = train(tiny_config(tmp_path / "ref", str(data), **overrides))
+    assert_same_params(final_params(resumed), final_params(uninterrupted))
+    assert not list(ckpts.glob(".tmp-*"))
+
+
+def test_corrupt_latest_checkpoint_is_an_error_not_a_restart(shard_dir: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, str(shard_dir), steps=2)
+    train(cfg)
+    state = cfg.run_dir / "checkpoints/step-2/state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    cfg.steps = 4
+    with pytest.raises(CheckpointError, match="step-2"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("method,terms", [("vicreg", ("invariance", "variance", "covariance")), ("simclr", ("accuracy",))])
+def test_metrics_and_tensorboard_are_written(shard_dir: Path, tmp_path: Path, method: str, terms: tuple[str, ...]) -> None:
+    run = train(tiny_config(tmp_path, str(shard_dir), steps=3, **{"method.name": method}))
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("loss", "lr", "img_per_s", "epoch", "data_skipped") + terms:
+        assert key in records[-1]
+    assert records[0]["lr"] < records[1]["lr"]  # warm-up
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert (run / "config.yaml").read_text().startswith("name: tiny")
+
+
+def test_training_skips_and_counts_corrupt_samples(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (tar,) = make_shards(data, [24])
+    # overwrite the image bytes of two samples in place: the index stays valid, the PNGs do not decode
+    from ssltrain.data.shards import read_index
+
+    index = read_index(tar)
+    with open(tar, "r+b") as f:
+        for i in (3, 17):
+            comp = index.samples[i].components["png"]
+            f.seek(comp.offset)
+            f.write(b"\0" * comp.size)
+    run = train(tiny_config(tmp_path, str(data), steps=3, **{"data.workers": 1}))
+    records = read_metrics(run / "metrics.jsonl")
+    assert records[-1]["data_skipped"] == 2  # 3 steps x 8 = every one of the 24 samples seen once
