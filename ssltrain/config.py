@@ -186,8 +186,6 @@ def _check(cfg: Config, source: str) -> None:
         value = _node_at(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{source}: '{key}' is {value!r}; choose one of {', '.join(allowed)}")
-    if cfg.data.train == "???":
-        raise ConfigError(f"{source}: 'data.train' is required: a shard directory or pattern (make some with `ssltrain shards`)")
     positive = ["steps", "data.batch_size", "checkpoint.every", "checkpoint.keep", "augment.global_crops.count"]
     for key in positive:
         if _node_at(cfg, key) <= 0:
@@ -219,6 +217,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. optim.lr=0.1)")
             source = f"{source} + overrides"
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            hint = " (a shard directory or pattern; make some with `ssltrain shards`)" if "data.train" in missing else ""
+            raise ConfigError(f"{source}: '{missing[0]}' is required{hint}")
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except (ConfigKeyError, ValidationError) as err:
         raise _explain(err, source) from None
