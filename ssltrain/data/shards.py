@@ -64,8 +64,8 @@ def _split_member(name: str) -> tuple[str, str]:
 def scan_tar(tar_path: Path) -> ShardIndex:
     """Build the index of a tar by reading its headers (no member data is decoded).
 
-    A truncated tar yields the samples before the damage and ``truncated=True``; a sample whose last member is
-    cut off is dropped rather than indexed with bytes that are not there.
+    A truncated tar yields the samples before the damage and ``truncated=True``; the sample at the cut is dropped
+    (some of its members may be missing) rather than indexed with bytes that are not there.
     """
     samples: list[SampleEntry] = []
     truncated = False
@@ -90,6 +90,8 @@ def scan_tar(tar_path: Path) -> ShardIndex:
         truncated = True
         if not samples:
             raise DataError(f"shard '{tar_path}' is not a readable tar file ({err}); re-write it with `ssltrain shards`") from None
+    if truncated and samples:
+        samples.pop()  # its members may continue past the cut: only whole samples are indexed
     return ShardIndex(tar_path, samples, truncated)
 
 
