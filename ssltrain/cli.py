@@ -33,9 +33,11 @@ def _write(samples, out: Path, prefix: str, max_count: int) -> list[Path]:
 
 
 def cmd_shards(args: argparse.Namespace) -> None:
-    from ssltrain.data import embedded, folders
-
     out = Path(args.out)
+    if args.source in ("shapes", "digits"):
+        from ssltrain.data import embedded
+    else:
+        from ssltrain.data import folders
     if args.source == "shapes":
         _write(embedded.shapes_samples("train", args.train, args.seed, args.size), out, "train", args.shard_size)
         _write(embedded.shapes_samples("val", args.val, args.seed, args.size), out, "val", args.shard_size)
