@@ -68,6 +68,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet18"  # resnet18 | resnet50
     small_stem: bool = False  # 3x3 stride-1 stem and no max-pool, for 32-64 px images
+    zero_init_residual: bool = False  # zero the last BN of each residual block (large-batch SSL recipes)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from ssltrain.models.backbones import build_backbone
 
 
 def build_method(cfg: Config) -> Method:
-    backbone, dim = build_backbone(cfg.model.backbone, cfg.model.small_stem)
+    backbone, dim = build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.zero_init_residual)
     name = cfg.method.name
     if name == "vicreg":
         from ssltrain.methods.vicreg import VICReg
