@@ -18,7 +18,7 @@ install: $(BIN)/ssltrain
 
 # The main job on the embedded data: make shards, pretrain, evaluate against a random-init backbone.
 demo: install
-	$(BIN)/ssltrain shards shapes --out data/shapes --train 6000 --val 1000
+	$(BIN)/ssltrain shards shapes --out data/shapes --train 6000 --val 1000 --shard-size 1000
 	$(BIN)/ssltrain train configs/demo.yaml
 	$(BIN)/ssltrain eval runs/demo
 

@@ -69,6 +69,18 @@ def decode_image(data: bytes) -> Tensor:
 _DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+def read_decoded(catalog: ShardCatalog, sample_id: int) -> tuple[Tensor, int | None] | Skipped:
+    """Read and decode one sample: ``(image, label)``, or ``Skipped`` saying where and why."""
+    raw = catalog.read(sample_id)
+    where = f"{raw.shard}:{raw.key}"
+    if raw.image is None:
+        return Skipped(where, raw.problem)
+    try:
+        return decode_image(raw.image), raw.label
+    except _DECODE_ERRORS as err:
+        return Skipped(where, f"cannot decode image ({type(err).__name__}: {err})")
+
+
 class AugmentedShards(Dataset):
     """Map-style dataset over a catalog; the sampler hands it ``(sample_id, position)`` pairs."""
 
@@ -80,19 +92,15 @@ class AugmentedShards(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> Sample | Skipped:
         sample_id, position = item
-        raw = self.catalog.read(sample_id)
-        where = f"{raw.shard}:{raw.key}"
-        if raw.image is None:
-            return Skipped(where, raw.problem)
-        try:
-            image = decode_image(raw.image)
-        except _DECODE_ERRORS as err:
-            return Skipped(where, f"cannot decode image ({type(err).__name__}: {err})")
+        decoded = read_decoded(self.catalog, sample_id)
+        if isinstance(decoded, Skipped):
+            return decoded
+        image, label = decoded
         # The augmentations are a function of (seed, position): independent of worker count and resumable.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, position))
             global_views, local_views = self.renderer(image)
-        return Sample(global_views, local_views, sample_id, raw.label)
+        return Sample(global_views, local_views, sample_id, label)
 
 
 class EvalShards(Dataset):
@@ -105,15 +113,11 @@ class EvalShards(Dataset):
         return len(self.catalog)
 
     def __getitem__(self, i: int) -> Sample | Skipped:
-        raw = self.catalog.read(i)
-        where = f"{raw.shard}:{raw.key}"
-        if raw.image is None:
-            return Skipped(where, raw.problem)
-        try:
-            image = decode_image(raw.image)
-        except _DECODE_ERRORS as err:
-            return Skipped(where, f"cannot decode image ({type(err).__name__}: {err})")
-        return Sample([self.transform(image)], [], i, raw.label)
+        decoded = read_decoded(self.catalog, i)
+        if isinstance(decoded, Skipped):
+            return decoded
+        image, label = decoded
+        return Sample([self.transform(image)], [], i, label)
 
 
 def collate_views(items: list[Sample | Skipped]) -> Views:
