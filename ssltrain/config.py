@@ -242,3 +242,18 @@ def from_yaml_text(text: str, source: str = "checkpoint") -> Config:
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         raise _explain(err, source) from None
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not dataclasses.is_dataclass(node):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(node):
+        out.update(_flatten(getattr(node, f.name), f"{prefix}{f.name}" if not prefix else f"{prefix}.{f.name}"))
+    return out
+
+
+def config_diff(old: Config, new: Config) -> list[str]:
+    """Dotted keys whose values differ, as ``key: old -> new`` (for the warning when a run resumes changed)."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]

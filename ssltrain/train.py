@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from ssltrain.checkpoint import Checkpointer, load_checkpoint, rng_state, set_rng_state
-from ssltrain.config import Config, to_yaml
+from ssltrain.config import Config, config_diff, from_yaml_text, to_yaml
 from ssltrain.data.augment import CPURenderer
 from ssltrain.data.loader import AugmentedShards, make_loader
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
@@ -94,6 +94,9 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
                 f"checkpoint '{latest}' was made with global batch {state['data_position'] // max(start_step, 1)}, "
                 f"this config has {global_batch}: resuming would change the data order; keep data.batch_size"
             )
+        changed = config_diff(from_yaml_text(state["config"], str(latest)), cfg)
+        if changed:
+            log.warning("resuming %s with a changed config: %s", latest, "; ".join(changed))
         log.info("resumed from %s (step %d)", latest, start_step)
     last_step = cfg.steps if stop_after_steps is None else min(cfg.steps, start_step + stop_after_steps)
     if start_step >= cfg.steps:

@@ -50,7 +50,7 @@ def test_loading_refuses_arbitrary_objects(tmp_path: Path) -> None:
     path = tmp_path / "step-1"
     path.mkdir()
     with open(path / "state.pt", "wb") as f:
-        pickle.dump({"model": Payload()}, f)
+        pickle.dump({"model": Payload()}, f, protocol=2)
     with pytest.raises(CheckpointError, match="step-1/state.pt"):
         load_checkpoint(path)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ssltrain.config import ConfigError, from_yaml_text, load_config, to_yaml
+from ssltrain.config import ConfigError, config_diff, from_yaml_text, load_config, to_yaml
 
 DEMO = Path(__file__).parent.parent / "configs" / "demo.yaml"
 
@@ -59,3 +59,10 @@ def test_semantic_checks(tmp_path: Path) -> None:
 def test_yaml_round_trip() -> None:
     cfg = load_config(DEMO, ["seed=7"])
     assert from_yaml_text(to_yaml(cfg)) == cfg
+
+
+def test_config_diff_names_changed_keys() -> None:
+    a = load_config(DEMO)
+    b = load_config(DEMO, ["steps=500", "augment.global_crops.scale=[0.5,1.0]"])
+    assert config_diff(a, b) == ["steps: 250 -> 500", "augment.global_crops.scale: [0.3, 1.0] -> [0.5, 1.0]"]
+    assert config_diff(a, a) == []

@@ -137,6 +137,9 @@ def collate_views(items: list[Sample | Skipped]) -> Views:
     )
 
 
+WORKER_TIMEOUT_S = 600
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers decode one image at a time; the main process owns the cores for compute
 
@@ -151,7 +154,8 @@ def make_loader(
 ) -> DataLoader:
     kwargs: dict = dict(num_workers=workers, collate_fn=collate, pin_memory=pin_memory)
     if workers > 0:
-        kwargs.update(worker_init_fn=_worker_init, prefetch_factor=2, persistent_workers=False)
+        # A worker stuck on I/O (a dead network mount) raises after `timeout` seconds instead of hanging the run.
+        kwargs.update(worker_init_fn=_worker_init, prefetch_factor=2, persistent_workers=False, timeout=WORKER_TIMEOUT_S)
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, **kwargs)
