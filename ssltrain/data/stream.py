@@ -128,19 +128,40 @@ class ShardCatalog:
                     pass
 
 
+_M64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic): a fixed, well-mixed hash."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _mix_scalar(*parts: int) -> int:
+    z = 0
+    for part in parts:
+        z = int(_mix64(np.array([(z * 0x9E3779B97F4A7C15 + part + 1) & _M64], dtype=np.uint64))[0])
+    return z
+
+
 def epoch_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """The order of epoch ``epoch``: a permutation drawn from (seed, epoch) only (numpy PCG64 via SeedSequence)."""
+    """The order of epoch ``epoch``: samples sorted by a hash of (seed, epoch, sample id).
+
+    Pure integer arithmetic, so the order is the same on every numpy/torch version and machine: a run saved
+    under one release resumes with the same data order under another.
+    """
     if not shuffle:
         return np.arange(num_samples)
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+    key = np.uint64(_mix_scalar(seed, epoch))
+    with np.errstate(over="ignore"):
+        keys = _mix64(np.arange(num_samples, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + key)
+    return np.argsort(keys, kind="stable")
 
 
 def sample_seed(seed: int, position: int) -> int:
-    """Seed for the augmentations of the sample at a global position (splitmix64 of the pair)."""
-    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+    """Seed for the augmentations of the sample at a global position."""
+    return _mix_scalar(seed, position) & 0x7FFFFFFFFFFFFFFF
 
 
 class GlobalBatchSampler:
