@@ -44,13 +44,15 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _state(model: Method, optimizer: torch.optim.Optimizer, step: int, position: int, cfg: Config, skipped: int) -> dict:
+def _state(model: Method, optimizer: torch.optim.Optimizer, step: int, position: int, cfg: Config, skipped: int,
+           num_samples: int) -> dict:
     return {
         "format": 1,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "data_position": position,
+        "data_samples": num_samples,
         "data_skipped": skipped,
         "rng": rng_state(),
         "config": to_yaml(cfg),
@@ -94,6 +96,9 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
                 f"checkpoint '{latest}' was made with global batch {state['data_position'] // max(start_step, 1)}, "
                 f"this config has {global_batch}: resuming would change the data order; keep data.batch_size"
             )
+        if state["data_samples"] != len(catalog):
+            log.warning("the data changed since %s (%d -> %d samples): the sample order from here on differs from "
+                        "the run that wrote it", latest, state["data_samples"], len(catalog))
         changed = config_diff(from_yaml_text(state["config"], str(latest)), cfg)
         if changed:
             log.warning("resuming %s with a changed config: %s", latest, "; ".join(changed))
@@ -159,7 +164,7 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
             bar.update(1)
 
             if step % cfg.checkpoint.every == 0 or step == last_step:
-                checkpointer.save(step, _state(model, optimizer, step, step * global_batch, cfg, data_skipped))
+                checkpointer.save(step, _state(model, optimizer, step, step * global_batch, cfg, data_skipped, len(catalog)))
     finally:
         bar.close()
         metrics.close()

@@ -74,6 +74,18 @@ def test_kill_minus_nine_at_any_moment_leaves_a_loadable_checkpoint(tmp_path: Pa
     assert not list(ckpts.glob(".tmp-*"))
 
 
+def test_resuming_on_changed_data_or_config_says_so(shard_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = tiny_config(tmp_path, str(shard_dir), steps=2)
+    train(cfg)
+    make_shards(shard_dir, [9], prefix="extra")  # a shard added between save and resume
+    cfg.data.train = f"{shard_dir}/*.tar"
+    cfg.steps = 3
+    with caplog.at_level("WARNING", logger="ssltrain"):
+        train(cfg)
+    assert "the data changed" in caplog.text and "(53 -> 62 samples)" in caplog.text
+    assert "steps: 2 -> 3" in caplog.text
+
+
 def test_corrupt_latest_checkpoint_is_an_error_not_a_restart(shard_dir: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, str(shard_dir), steps=2)
     train(cfg)
