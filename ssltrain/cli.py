@@ -46,12 +46,15 @@ def cmd_shards(args: argparse.Namespace) -> None:
         _write(embedded.digits_samples("train", args.seed, args.size), out, "train", args.shard_size)
         _write(embedded.digits_samples("val", args.seed, args.size), out, "val", args.shard_size)
         (out / "classes.json").write_text(json.dumps([str(i) for i in range(10)]))
-    elif args.source == "imagefolder":
-        classes, samples = folders.imagefolder_samples(Path(args.root))
+    else:
+        if args.source == "imagefolder":
+            classes, samples = folders.imagefolder_samples(Path(args.root))
+            (out / "classes.json").parent.mkdir(parents=True, exist_ok=True)
+            (out / "classes.json").write_text(json.dumps(classes))
+        else:
+            samples = folders.unlabeled_samples(Path(args.root))
         _write(samples, out, args.prefix, args.shard_size)
-        (out / "classes.json").write_text(json.dumps(classes))
-    elif args.source == "unlabeled":
-        _write(folders.unlabeled_samples(Path(args.root)), out, args.prefix, args.shard_size)
+        log.info("%d images written, %d unreadable files skipped", samples.yielded, samples.skipped)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
