@@ -35,26 +35,24 @@ def _write(samples, out: Path, prefix: str, max_count: int) -> list[Path]:
 def cmd_shards(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if args.source in ("shapes", "digits"):
-        from ssltrain.data import embedded
+        from ssltrain.data.embedded import EMBEDDED
+
+        dataset = EMBEDDED[args.source]
+        sizes = dataset.split_sizes or {"train": args.train, "val": args.val}
+        for split, count in sizes.items():
+            _write(dataset.samples(split, count, seed=args.seed, size=args.size), out, split, args.shard_size)
+        (out / "classes.json").write_text(json.dumps(list(dataset.classes)))
+        return
+    from ssltrain.data import folders
+
+    if args.source == "imagefolder":
+        classes, samples = folders.imagefolder_samples(Path(args.root))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "classes.json").write_text(json.dumps(classes))
     else:
-        from ssltrain.data import folders
-    if args.source == "shapes":
-        _write(embedded.shapes_samples("train", args.train, args.seed, args.size), out, "train", args.shard_size)
-        _write(embedded.shapes_samples("val", args.val, args.seed, args.size), out, "val", args.shard_size)
-        (out / "classes.json").write_text(json.dumps(list(embedded.SHAPES_CLASSES)))
-    elif args.source == "digits":
-        _write(embedded.digits_samples("train", args.seed, args.size), out, "train", args.shard_size)
-        _write(embedded.digits_samples("val", args.seed, args.size), out, "val", args.shard_size)
-        (out / "classes.json").write_text(json.dumps([str(i) for i in range(10)]))
-    else:
-        if args.source == "imagefolder":
-            classes, samples = folders.imagefolder_samples(Path(args.root))
-            (out / "classes.json").parent.mkdir(parents=True, exist_ok=True)
-            (out / "classes.json").write_text(json.dumps(classes))
-        else:
-            samples = folders.unlabeled_samples(Path(args.root))
-        _write(samples, out, args.prefix, args.shard_size)
-        log.info("%d images written, %d unreadable files skipped", samples.yielded, samples.skipped)
+        samples = folders.unlabeled_samples(Path(args.root))
+    _write(samples, out, args.prefix, args.shard_size)
+    log.info("%d images written, %d unreadable files skipped", samples.yielded, samples.skipped)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
