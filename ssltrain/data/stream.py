@@ -91,11 +91,10 @@ class ShardCatalog:
         fd = self._fd(sid)
         label = None
         if self.cls_size[i] >= 0:
-            raw = os.pread(fd, int(self.cls_size[i]), int(self.cls_off[i]))
             try:
-                label = int(raw.decode().strip())
-            except ValueError:
-                return RawSample(self.keys[i], path, None, None, f"label {raw[:20]!r} is not an integer")
+                label = self.read_label(i)
+            except ValueError as err:
+                return RawSample(self.keys[i], path, None, None, str(err))
         if self.img_size[i] < 0:
             return RawSample(self.keys[i], path, None, label, "sample has no image component")
         data = os.pread(fd, int(self.img_size[i]), int(self.img_off[i]))
@@ -112,7 +111,10 @@ class ShardCatalog:
 
     def read_label(self, i: int) -> int:
         raw = os.pread(self._fd(int(self.shard[i])), int(self.cls_size[i]), int(self.cls_off[i]))
-        return int(raw.decode().strip())
+        try:
+            return int(raw.decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            raise ValueError(f"label {raw[:20]!r} is not an integer") from None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ssltrain.checkpoint import Checkpointer, load_checkpoint
 from ssltrain.config import Config, from_yaml_text
@@ -22,7 +22,7 @@ from ssltrain.data.shards import DataError
 from ssltrain.data.stream import ShardCatalog
 from ssltrain.eval.knn import knn_accuracy
 from ssltrain.eval.linear import linear_probe
-from ssltrain.methods import build_method
+from ssltrain.methods import Method, build_method
 from ssltrain.metrics import MetricsLog
 from ssltrain.train import resolve_device
 
@@ -36,12 +36,12 @@ class Features:
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, catalog: ShardCatalog, cfg: Config, device: torch.device) -> Features:
-    """Backbone features of every labeled sample, in catalog order; unreadable samples are skipped and counted."""
+def extract_features(model: Method, catalog: ShardCatalog, cfg: Config, device: torch.device) -> Features:
+    """``model.features`` of every labeled sample, in catalog order; unreadable samples are skipped and counted."""
     crop = cfg.augment.global_crops
     transform = EvalTransform(crop.size, cfg.augment.mean, cfg.augment.std)
     loader = make_loader(EvalShards(catalog, transform), cfg.data.workers, batch_size=cfg.eval.batch_size)
-    backbone.eval()
+    model.eval()
     xs, ys, skipped = [], [], 0
     for views in loader:
         skipped += len(views.skipped)
@@ -49,7 +49,7 @@ def extract_features(backbone: nn.Module, catalog: ShardCatalog, cfg: Config, de
             continue
         if views.label is None:
             raise DataError(f"shards '{catalog.spec}' have samples without a .cls label; probes need labeled data")
-        xs.append(backbone(views.global_views[0].to(device)).float().cpu())
+        xs.append(model.features(views.global_views[0].to(device)).float().cpu())
         ys.append(views.label)
     if skipped:
         log.warning("%d unreadable samples skipped while extracting features from '%s'", skipped, catalog.spec)
@@ -58,8 +58,8 @@ def extract_features(backbone: nn.Module, catalog: ShardCatalog, cfg: Config, de
     return Features(torch.cat(xs), torch.cat(ys))
 
 
-def probe(backbone: nn.Module, train: ShardCatalog, val: ShardCatalog, cfg: Config, device: torch.device) -> dict[str, float]:
-    bank, queries = extract_features(backbone, train, cfg, device), extract_features(backbone, val, cfg, device)
+def probe(model: Method, train: ShardCatalog, val: ShardCatalog, cfg: Config, device: torch.device) -> dict[str, float]:
+    bank, queries = extract_features(model, train, cfg, device), extract_features(model, val, cfg, device)
     num_classes = int(max(bank.y.max(), queries.y.max())) + 1
     knn = knn_accuracy(bank.x, bank.y, queries.x, queries.y, num_classes, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
     linear = linear_probe(
@@ -95,8 +95,8 @@ def evaluate_run(run_dir: Path, checkpoint: Path | None = None, log_metrics: boo
     train_set = ShardCatalog.from_spec(cfg.eval.train, "eval.train")
     val_set = ShardCatalog.from_spec(cfg.eval.val, "eval.val")
     results = {
-        "ssl": probe(trained.backbone.to(device), train_set, val_set, cfg, device),
-        "random": probe(random_init.backbone.to(device), train_set, val_set, cfg, device),
+        "ssl": probe(trained.to(device), train_set, val_set, cfg, device),
+        "random": probe(random_init.to(device), train_set, val_set, cfg, device),
     }
     step = int(state["step"])
     (run_dir / "eval.json").write_text(json.dumps({"step": step, "checkpoint": str(checkpoint), **results}, indent=2))
