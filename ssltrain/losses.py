@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["covariance_offdiag", "nt_xent_loss", "variance_hinge", "vicreg_loss"]
+__all__ = ["covariance_offdiag", "logdet_entropy", "nt_xent_loss", "variance_hinge", "vicreg_loss"]
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -73,6 +73,26 @@ def covariance_offdiag(z: Tensor) -> Tensor:
     cov = (z_c.T @ z_c) / (n - 1)
     off = cov.masked_fill(torch.eye(d, dtype=torch.bool, device=z.device), 0.0)
     return off.pow(2).sum() / d
+
+
+def logdet_entropy(z: Tensor, alpha: float = 1.0) -> Tensor:
+    """LogDet entropy estimate of the embedding distribution (Zhouyin & Liu 2021), in nats.
+
+    ``H(z) = 1/2 * logdet(I_D + alpha * C)`` with ``C = z_c^T z_c / (N - 1)`` the unbiased covariance. When
+    N < D, Sylvester's identity ``det(I_D + A^T A) = det(I_N + A A^T)`` gives the same value from the N x N
+    Gram matrix, which is cheaper and better conditioned. The matrix is positive definite, so a Cholesky
+    factor gives the log-determinant stably.
+    """
+    _check_batch(z, "z")
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    z = z.to(_compute_dtype(z))
+    n, d = z.shape
+    z_c = (z - z.mean(dim=0)) * (alpha / (n - 1)) ** 0.5
+    gram = z_c @ z_c.T if n < d else z_c.T @ z_c
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    chol = torch.linalg.cholesky(eye + gram)
+    return torch.log(torch.diagonal(chol)).sum()
 
 
 def vicreg_loss(

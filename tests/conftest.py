@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from ssltrain.config import Config, load_config
-from ssltrain.data.shards import write_shards
+import torch
+
+# Without a GPU, Triton kernels run under the interpreter. It is read when a kernel is defined, so it must be set
+# before any test imports ssltrain.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from ssltrain.config import Config, load_config  # noqa: E402
+from ssltrain.data.shards import write_shards  # noqa: E402
 
 
 def png_bytes(i: int, size: int = 16) -> bytes:

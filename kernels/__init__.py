@@ -1,0 +1,1 @@
+"""Fused Triton kernels for the loss and covariance terms (installed as ``ssltrain.kernels``)."""
