@@ -66,9 +66,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"  # resnet18 | resnet50
-    small_stem: bool = False  # 3x3 stride-1 stem and no max-pool, for 32-64 px images
-    zero_init_residual: bool = False  # zero the last BN of each residual block (large-batch SSL recipes)
+    backbone: str = "resnet18"  # resnet18 | resnet50 | vit_tiny | vit_small | vit_base
+    small_stem: bool = False  # ResNets: 3x3 stride-1 stem and no max-pool, for 32-64 px images
+    zero_init_residual: bool = False  # ResNets: zero the last BN of each residual block (large-batch SSL recipes)
+    patch_size: int = 16  # ViTs; position embeddings are interpolated for crops of any size
+    drop_path: float = 0.0  # ViTs: stochastic depth rate
 
 
 @dataclass
@@ -81,16 +83,127 @@ class VICRegConfig:
 
 
 @dataclass
+class VICRegLogDetConfig:
+    """VICReg with the variance/covariance terms replaced by the LogDet entropy 1/2 logdet(I + alpha Cov).
+
+    Per dimension the loss is about ``sim * rho * s^2 - entropy/2 * log(1 + alpha * s^2)`` (rho: the share of a
+    dimension's variance the two views disagree on), which collapses (s -> 0) when ``2 * sim * rho > entropy * alpha``:
+    with weight 1 it collapsed on the demo data; 25 and alpha 4 keep s > 0 for any rho < 2.
+    """
+
+    sim_weight: float = 25.0
+    entropy_weight: float = 25.0
+    alpha: float = 4.0
+
+
+@dataclass
+class VICRegPairwiseConfig:
+    """VICReg with a Kolchinsky-Tracey pairwise-distance entropy estimate as the anti-collapse term.
+
+    The estimate's data-dependent part is at most log(N) / D per dimension; with weight 1 it lost to the invariance
+    term and the embeddings collapsed on the demo data, so the default matches the invariance weight.
+    """
+
+    sim_weight: float = 25.0
+    entropy_weight: float = 25.0
+    sigma: float = 1.0
+    distance: str = "kl"  # kl (upper bound) | bhattacharyya (lower bound)
+
+
+@dataclass
+class VCRegConfig:
+    """Invariance + the orthonormality penalty ||E[z z^T] - I||_F^2 / D, unbiased from two half-batches."""
+
+    sim_weight: float = 1.0
+    ortho_weight: float = 1.0
+
+
+@dataclass
 class SimCLRConfig:
     temperature: float = 0.1
 
 
 @dataclass
+class BarlowTwinsConfig:
+    lambd: float = 0.0051
+
+
+@dataclass
+class DIETConfig:
+    """Datum index as target: a linear N-way classifier over sample ids, sharded over ranks."""
+
+    label_smoothing: float = 0.8
+
+
+@dataclass
+class CISSLConfig:
+    """Contrastive with a linear student head and the MLP projector as teacher head."""
+
+    temperature: float = 0.07
+
+
+@dataclass
+class DISSLConfig:
+    """Distillation of an MLP teacher's C-way softmax into a linear student, with marginal-entropy maximisation."""
+
+    classes: int = 16384
+    teacher_temperature: float = 0.5
+    student_temperature: float = 1.0
+    lambd: float = 2.3  # weight of H[M], the entropy of the teacher's marginal over the global batch
+    beta: float = 0.8  # weight of the cross-view teacher cross-entropy
+
+
+@dataclass
+class BYOLConfig:
+    predictor: List[int] = field(default_factory=lambda: [4096, 256])
+    momentum: float = 0.99  # EMA momentum at step 0; cosine schedule to 1.0 at the last step
+
+
+@dataclass
+class DINOConfig:
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    norm_last_layer: bool = True
+    student_temperature: float = 0.1
+    teacher_temperature: float = 0.04  # after warm-up
+    warmup_teacher_temperature: float = 0.04
+    warmup_teacher_temperature_steps: int = 0
+    center_momentum: float = 0.9
+    momentum: float = 0.996  # EMA momentum at step 0; cosine schedule to 1.0
+    freeze_last_layer_steps: int = 0  # the official recipe freezes the last layer for the first epoch
+
+
+@dataclass
+class SwAVConfig:
+    prototypes: int = 3000
+    temperature: float = 0.1
+    epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+    freeze_prototypes_steps: int = 0  # official: 313 (prototypes get no update at first)
+
+
+@dataclass
 class MethodConfig:
-    name: str = "vicreg"  # vicreg | simclr
+    name: str = "vicreg"  # see _CHOICES["method.name"]
     projector: List[int] = field(default_factory=lambda: [2048, 2048, 2048])  # hidden..., output widths
     vicreg: VICRegConfig = field(default_factory=VICRegConfig)
+    vicreg_logdet: VICRegLogDetConfig = field(default_factory=VICRegLogDetConfig)
+    vicreg_pairwise: VICRegPairwiseConfig = field(default_factory=VICRegPairwiseConfig)
+    vcreg: VCRegConfig = field(default_factory=VCRegConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    barlow_twins: BarlowTwinsConfig = field(default_factory=BarlowTwinsConfig)
+    diet: DIETConfig = field(default_factory=DIETConfig)
+    cissl: CISSLConfig = field(default_factory=CISSLConfig)
+    dissl: DISSLConfig = field(default_factory=DISSLConfig)
+    byol: BYOLConfig = field(default_factory=BYOLConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    swav: SwAVConfig = field(default_factory=SwAVConfig)
+
+
+@dataclass
+class LossConfig:
+    impl: str = "auto"  # auto (fused Triton kernels on GPU, eager elsewhere) | triton | eager
 
 
 @dataclass
@@ -140,6 +253,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -152,8 +266,11 @@ class Config:
 _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "precision": ("auto", "bf16", "fp32"),
-    "model.backbone": ("resnet18", "resnet50"),
-    "method.name": ("vicreg", "simclr"),
+    "model.backbone": ("resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"),
+    "method.name": ("vicreg", "vicreg_logdet", "vicreg_pairwise", "vcreg", "simclr", "barlow_twins", "diet", "cissl",
+                    "dissl", "byol", "dino", "swav"),
+    "method.vicreg_pairwise.distance": ("kl", "bhattacharyya"),
+    "loss.impl": ("auto", "triton", "eager"),
     "optim.name": ("lars", "adamw"),
 }
 

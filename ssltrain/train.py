@@ -77,7 +77,7 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
     # --- data, model, optimizer ----------------------------------------------------------------------------------
     catalog = ShardCatalog.from_spec(cfg.data.train, "data.train")
     global_batch = cfg.data.batch_size
-    model = build_method(cfg).to(device)
+    model = build_method(cfg, num_samples=len(catalog)).to(device)
     optimizer = build_optimizer(model, cfg.optim, global_batch)
     peak_lr = scaled_lr(cfg.optim, global_batch)
 
@@ -139,14 +139,17 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
             else:
                 lr = lr_at(step, cfg.steps, peak_lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
                 set_lr(optimizer, lr)
+                model.on_step_start(step, cfg.steps)  # schedules: teacher temperature, ...
                 with autocast_for(device, cfg.precision):
                     out = model(views.to(device))
                 loss = out["loss"]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                model.before_optimizer_step(step)  # e.g. prototypes frozen for the first steps
                 if cfg.optim.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
+                model.on_step_end(step, cfg.steps)  # EMA teachers
                 window_samples += views.batch_size
             step += 1
 
@@ -155,6 +158,7 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
                 record = {"step": step, "epoch": position / sampler.samples_per_epoch, "lr": lr,
                           "img_per_s": window_samples / elapsed, "data_wait_s": data_wait, "data_skipped": data_skipped}
                 record.update({k: float(v.detach()) for k, v in out.items()})
+                record.update(model.monitors())  # embedding std, RankMe, LogDet entropy of this step's batch
                 metrics.log(record)
                 loss_value = record.get("loss", math.nan)
                 bar.set_postfix(loss=f"{loss_value:.4g}", img_s=f"{record['img_per_s']:.0f}")

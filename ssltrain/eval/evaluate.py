@@ -89,8 +89,9 @@ def evaluate_run(run_dir: Path, checkpoint: Path | None = None, log_metrics: boo
     state = load_checkpoint(checkpoint)
     # The random-init reference: the same architecture and seed, i.e. the network the run started from.
     torch.manual_seed(cfg.seed)
-    random_init = build_method(cfg)
-    trained = build_method(cfg)
+    num_samples = int(state.get("data_samples", 0)) or None  # DIET's head has one row per training sample
+    random_init = build_method(cfg, num_samples)
+    trained = build_method(cfg, num_samples)
     trained.load_state_dict(state["model"])
     train_set = ShardCatalog.from_spec(cfg.eval.train, "eval.train")
     val_set = ShardCatalog.from_spec(cfg.eval.val, "eval.val")

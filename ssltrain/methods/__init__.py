@@ -7,17 +7,65 @@ from ssltrain.methods.base import Method
 from ssltrain.models.backbones import build_backbone
 
 
-def build_method(cfg: Config) -> Method:
-    backbone, dim = build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.zero_init_residual)
-    name = cfg.method.name
+def build_method(cfg: Config, num_samples: int | None = None) -> Method:
+    """The method ``cfg.method.name`` on the configured backbone. ``num_samples`` (the dataset size) is what
+    DIET's index classifier needs; other methods ignore it."""
+    m = cfg.model
+    backbone, dim = build_backbone(m.backbone, small_stem=m.small_stem, zero_init_residual=m.zero_init_residual,
+                                   patch_size=m.patch_size, image_size=cfg.augment.global_crops.size,
+                                   drop_path=m.drop_path)
+    name, mc, impl = cfg.method.name, cfg.method, cfg.loss.impl
+    projector = list(mc.projector)
     if name == "vicreg":
         from ssltrain.methods.vicreg import VICReg
 
-        return VICReg(backbone, dim, list(cfg.method.projector), cfg.method.vicreg)
+        return VICReg(backbone, dim, projector, mc.vicreg, impl)
+    if name == "vicreg_logdet":
+        from ssltrain.methods.vicreg_logdet import VICRegLogDet
+
+        return VICRegLogDet(backbone, dim, projector, mc.vicreg_logdet, impl)
+    if name == "vicreg_pairwise":
+        from ssltrain.methods.vicreg_pairwise import VICRegPairwise
+
+        return VICRegPairwise(backbone, dim, projector, mc.vicreg_pairwise, impl)
+    if name == "vcreg":
+        from ssltrain.methods.vcreg import VCReg
+
+        return VCReg(backbone, dim, projector, mc.vcreg, impl)
     if name == "simclr":
         from ssltrain.methods.simclr import SimCLR
 
-        return SimCLR(backbone, dim, list(cfg.method.projector), cfg.method.simclr)
+        return SimCLR(backbone, dim, projector, mc.simclr, impl)
+    if name == "barlow_twins":
+        from ssltrain.methods.barlow_twins import BarlowTwins
+
+        return BarlowTwins(backbone, dim, projector, mc.barlow_twins, impl)
+    if name == "diet":
+        from ssltrain.methods.diet import DIET
+
+        if num_samples is None:
+            raise ValueError("DIET needs the number of training samples (its classifier has one output per sample)")
+        return DIET(backbone, dim, num_samples, mc.diet, impl)
+    if name == "cissl":
+        from ssltrain.methods.cissl import CISSL
+
+        return CISSL(backbone, dim, projector, mc.cissl, impl)
+    if name == "dissl":
+        from ssltrain.methods.dissl import DISSL
+
+        return DISSL(backbone, dim, projector, mc.dissl, impl)
+    if name == "byol":
+        from ssltrain.methods.byol import BYOL
+
+        return BYOL(backbone, dim, projector, mc.byol, impl)
+    if name == "dino":
+        from ssltrain.methods.dino import DINO
+
+        return DINO(backbone, dim, mc.dino, impl)
+    if name == "swav":
+        from ssltrain.methods.swav import SwAV
+
+        return SwAV(backbone, dim, projector, mc.swav, impl)
     raise ValueError(f"unknown method '{name}'")
 
 

@@ -1,13 +1,16 @@
-"""What every method shares: a backbone, a forward over all views grouped by resolution, pairing of views."""
+"""What every method shares: a backbone, a forward over all views grouped by resolution, pairing of views, the
+hooks the loop calls around the optimizer step (schedules, EMA teachers), and the collapse monitors."""
 
 from __future__ import annotations
 
+import math
 from itertools import combinations
 
 import torch
 from torch import Tensor, nn
 
 from ssltrain.data.loader import Views
+from ssltrain.monitors import embedding_monitors
 
 
 def view_pairs(num_global: int, num_local: int) -> list[tuple[int, int]]:
@@ -20,30 +23,98 @@ def view_pairs(num_global: int, num_local: int) -> list[tuple[int, int]]:
     return pairs
 
 
-class Method(nn.Module):
-    """Backbone + heads + loss. ``forward(views)`` returns ``{"loss": scalar, <term>: scalar, ...}``."""
+def cosine_momentum(base: float, step: int, total_steps: int) -> float:
+    """EMA momentum from ``base`` at step 0 to 1.0 at the last step, on a cosine (BYOL, DINO)."""
+    progress = min(1.0, step / max(1, total_steps))
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
-    def __init__(self, backbone: nn.Module, feature_dim: int) -> None:
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``teacher <- momentum * teacher + (1 - momentum) * student`` for parameters; buffers are copied."""
+    t_params = [p for p in teacher.parameters()]
+    s_params = [p.detach() for p in student.parameters()]
+    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        t.copy_(s)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A teacher: a deep copy that the optimizer never sees (``requires_grad`` off), updated by EMA only."""
+    import copy
+
+    teacher = copy.deepcopy(module)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+class Method(nn.Module):
+    """Backbone + heads + loss. ``forward(views)`` returns ``{"loss": scalar, <term>: scalar, ...}``.
+
+    The loop calls, per step: ``on_step_start(step, total)`` (schedules), ``forward``, backward,
+    ``before_optimizer_step(step)`` (gradient surgery such as frozen prototypes), the optimizer, then
+    ``on_step_end(step, total)`` (EMA teachers). Everything these depend on is a function of the step or lives
+    in the state dict, so a resumed run continues exactly.
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, loss_impl: str = "auto") -> None:
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
+        self.loss_impl = loss_impl
+        self._watched: Tensor | None = None
 
     def features(self, images: Tensor) -> Tensor:
         """Backbone features: what probes evaluate and what is exported."""
         return self.backbone(images)
 
-    def encode_views(self, views: Views, head: nn.Module) -> list[Tensor]:
-        """Run backbone and head once per resolution (views of one size share a batch), split back per view."""
+    def encode_views(self, views: Views, head: nn.Module | None = None, backbone: nn.Module | None = None,
+                     num_views: int | None = None) -> list[Tensor]:
+        """Run backbone (+ head) once per resolution (views of one size share a batch), split back per view.
+
+        ``num_views`` limits the views encoded (e.g. a teacher sees only the global views).
+        """
+        backbone = self.backbone if backbone is None else backbone
+        groups = [views.global_views, views.local_views]
+        if num_views is not None:
+            groups = [views.global_views[:num_views], views.local_views[: max(0, num_views - len(views.global_views))]]
         out: list[Tensor] = []
-        for group in (views.global_views, views.local_views):
+        for group in groups:
             if not group:
                 continue
-            z = head(self.backbone(torch.cat(group)))
+            z = backbone(torch.cat(group))
+            if head is not None:
+                z = head(z)
             out.extend(z.chunk(len(group)))
         return out
 
+    def watch(self, embedding: Tensor) -> None:
+        """Keep this step's (local) embedding batch for the collapse monitors, detached."""
+        self._watched = embedding.detach()
+
+    def monitors(self) -> dict[str, float]:
+        """Embedding std, RankMe and LogDet entropy of the last watched batch (computed only when logged)."""
+        if self._watched is None or self._watched.shape[0] < 2:
+            return {}
+        return embedding_monitors(self._watched.float(), prefix="emb")
+
+    def on_step_start(self, step: int, total_steps: int) -> None:
+        """Set step-dependent schedules (teacher temperature, ...) before the forward."""
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Adjust gradients after backward (e.g. keep some parameters frozen for the first steps)."""
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """Update EMA teachers after the optimizer step."""
+
     def forward(self, views: Views) -> dict[str, Tensor]:
         raise NotImplementedError
+
+
+def apply_head(head: nn.Module, parts: list[Tensor]) -> list[Tensor]:
+    """One head call over several views' features (one batch for its BatchNorm), split back per view."""
+    return list(head(torch.cat(parts)).chunk(len(parts)))
 
 
 def average_terms(results: list[dict[str, Tensor]]) -> dict[str, Tensor]:

@@ -1,27 +1,47 @@
-"""VICReg (Bardes, Ponce, LeCun, ICLR 2022): invariance + variance hinge + covariance decorrelation."""
+"""VICReg (Bardes, Ponce, LeCun, ICLR 2022): invariance + variance hinge + covariance decorrelation.
+
+As in the official code, the variance and covariance are statistics of the batch gathered from all ranks; the
+whole loss is computed on the gathered batch, so it equals the single-process loss on that batch. With
+``loss.impl`` auto or triton the variance and covariance come from the fused kernel (the D x D covariance is
+never formed); the eager path is :func:`ssltrain.losses.vicreg_loss` itself.
+"""
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssltrain import kernels
 from ssltrain.config import VICRegConfig
 from ssltrain.data.loader import Views
+from ssltrain.distributed import gather
 from ssltrain.losses import vicreg_loss
 from ssltrain.methods.base import Method, average_terms, view_pairs
 from ssltrain.models.heads import MLP
 
 
+def vicreg_terms(z_a: Tensor, z_b: Tensor, c: VICRegConfig, impl: str) -> dict[str, Tensor]:
+    """The VICReg loss through the fused regulariser when ``impl`` resolves to triton, else the reference."""
+    if kernels.resolve_impl(impl, z_a, z_b) == "eager":
+        return vicreg_loss(z_a, z_b, c.sim_weight, c.var_weight, c.cov_weight, c.gamma, c.eps)
+    invariance = F.mse_loss(z_a.float(), z_b.float())
+    var_a, cov_a = kernels.vicreg_regularizer(z_a, c.gamma, c.eps, impl="triton")
+    var_b, cov_b = kernels.vicreg_regularizer(z_b, c.gamma, c.eps, impl="triton")
+    variance, covariance = (var_a + var_b) / 2, cov_a + cov_b
+    loss = c.sim_weight * invariance + c.var_weight * variance + c.cov_weight * covariance
+    return {"loss": loss, "invariance": invariance, "variance": variance, "covariance": covariance}
+
+
 class VICReg(Method):
-    def __init__(self, backbone: nn.Module, feature_dim: int, projector: list[int], cfg: VICRegConfig) -> None:
-        super().__init__(backbone, feature_dim)
+    def __init__(self, backbone: nn.Module, feature_dim: int, projector: list[int], cfg: VICRegConfig,
+                 loss_impl: str = "auto") -> None:
+        super().__init__(backbone, feature_dim, loss_impl)
         self.projector = MLP(feature_dim, projector)
         self.cfg = cfg
 
     def forward(self, views: Views) -> dict[str, Tensor]:
         z = self.encode_views(views, self.projector)
-        c = self.cfg
-        terms = [
-            vicreg_loss(z[i], z[j], c.sim_weight, c.var_weight, c.cov_weight, c.gamma, c.eps)
-            for i, j in view_pairs(len(views.global_views), len(views.local_views))
-        ]
-        return average_terms(terms)
+        self.watch(z[0])
+        z = [gather(v) for v in z]
+        pairs = view_pairs(len(views.global_views), len(views.local_views))
+        return average_terms([vicreg_terms(z[i], z[j], self.cfg, self.loss_impl) for i, j in pairs])

@@ -1,4 +1,4 @@
-from ssltrain.models.backbones import build_backbone
-from ssltrain.models.heads import MLP
+from ssltrain.models.backbones import BACKBONES, ViT, build_backbone
+from ssltrain.models.heads import MLP, DINOHead, Prototypes
 
-__all__ = ["build_backbone", "MLP"]
+__all__ = ["BACKBONES", "DINOHead", "MLP", "Prototypes", "ViT", "build_backbone"]

@@ -1,27 +1,115 @@
-"""Backbones from torchvision with the classifier removed: they map images to a feature vector."""
+"""Backbones with the classifier removed: they map images to a feature vector.
+
+ResNets come from torchvision, ViTs from timm. timm's ``VisionTransformer`` is well kept, matches the reference
+ViT/DeiT/DINO layout (pre-norm blocks, CLS token, learned absolute position embeddings, final LayerNorm), and has
+position-embedding interpolation built in (``dynamic_img_size``), which multi-crop needs: 224 px global crops and
+96 px local crops go through the same network in one step. Nothing is downloaded; weights are randomly initialised.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
 from torchvision import models
 
 RESNETS = {"resnet18": models.resnet18, "resnet50": models.resnet50}
 
+# name -> (embed_dim, depth, num_heads): ViT-Ti, ViT-S, ViT-B (Dosovitskiy et al. 2021; DeiT for Ti/S).
+VITS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
 
-def build_backbone(name: str, small_stem: bool = False, zero_init_residual: bool = False) -> tuple[nn.Module, int]:
-    """Return ``(backbone, feature_dim)``; ``small_stem`` swaps the 7x7/2 conv + max-pool for a 3x3/1 conv.
+BACKBONES: tuple[str, ...] = (*RESNETS, *VITS)
 
-    The small stem keeps spatial resolution for 32-64 px images (CIFAR-style), at roughly 10x the compute of the
-    standard stem at 32 px, so the demo uses the standard stem. ``zero_init_residual`` (the large-batch SSL
-    recipes' choice) starts every residual branch at zero: at 32 px such a network is little more than strided
-    samples of the stem (kNN 0.19 on digits vs 0.93 for torchvision's default init), so it is off by default.
+
+class ViT(VisionTransformer):
+    """timm's ``VisionTransformer`` returning the final-normed CLS token, for inputs of any patch-divisible size.
+
+    Built with ``dynamic_img_size=True``: the stored position embedding belongs to the ``image_size`` grid and
+    is resampled on the fly for any other grid (timm's ``resample_abs_pos_embed``: ``F.interpolate`` bicubic with
+    ``antialias=True``, i.e. PIL's a=-0.5 kernel, smoothing when shrinking; the CLS entry is kept as is); at the
+    native grid it is used unchanged. This is not bit-equal to the DINO reference (a=-0.75, no antialias), which
+    only matters when loading DINO weights trained at another grid, not when training from scratch. An input whose height or width is
+    not a multiple of the patch size raises ``ValueError`` (timm itself would raise a bare ``AssertionError``;
+    the padding alternative, ``dynamic_img_pad``, is off so crops are never silently padded). Rectangular
+    inputs are fine. Parameter names equal timm's, so timm state dicts load as they are.
     """
-    if name not in RESNETS:
-        raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(RESNETS)}")
-    net = RESNETS[name](weights=None, zero_init_residual=zero_init_residual)
-    if small_stem:
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
-    dim = net.fc.in_features
-    net.fc = nn.Identity()
-    return net, dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"a ViT takes (B, C, H, W) images, got shape {tuple(x.shape)}")
+        p_h, p_w = self.patch_embed.patch_size
+        h, w = x.shape[-2:]
+        if h % p_h or w % p_w:
+            raise ValueError(
+                f"image size {h}x{w} is not divisible by the ViT patch size {p_h}x{p_w}; "
+                "choose crop sizes that are multiples of model.patch_size"
+            )
+        return super().forward(x)
+
+
+def _build_vit(name: str, patch_size: int, image_size: int, drop_path: float) -> tuple[nn.Module, int]:
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    if image_size < patch_size or image_size % patch_size:
+        raise ValueError(
+            f"image_size {image_size} must be a positive multiple of patch_size {patch_size} "
+            "(it sets the grid the position embedding is stored at)"
+        )
+    if not 0.0 <= drop_path < 1.0:
+        raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+    dim, depth, heads = VITS[name]
+    net = ViT(
+        img_size=image_size,
+        patch_size=patch_size,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        num_classes=0,
+        global_pool="token",
+        dynamic_img_size=True,
+        drop_path_rate=drop_path,
+    )
+    return net, net.num_features
+
+
+def build_backbone(
+    name: str,
+    small_stem: bool = False,
+    zero_init_residual: bool = False,
+    patch_size: int = 16,
+    image_size: int = 224,
+    drop_path: float = 0.0,
+) -> tuple[nn.Module, int]:
+    """Return ``(backbone, feature_dim)`` for one of ``BACKBONES``.
+
+    ResNets: ``small_stem`` swaps the 7x7/2 conv + max-pool for a 3x3/1 conv. The small stem keeps spatial
+    resolution for 32-64 px images (CIFAR-style), at roughly 10x the compute of the standard stem at 32 px, so
+    the demo uses the standard stem. ``zero_init_residual`` (the large-batch SSL recipes' choice) starts every
+    residual branch at zero: at 32 px such a network is little more than strided samples of the stem (kNN 0.19
+    on digits vs 0.93 for torchvision's default init), so it is off by default. ``patch_size`` and
+    ``image_size`` are ignored (ResNets take any size); ``drop_path > 0`` is an error (no stochastic depth).
+
+    ViTs (``vit_tiny`` 192/12/3, ``vit_small`` 384/12/6, ``vit_base`` 768/12/12 for dim/depth/heads):
+    ``patch_size`` x ``patch_size`` patches, position embeddings stored for an ``image_size`` grid and
+    interpolated for other crop sizes (see ``ViT``), ``drop_path`` the stochastic-depth rate (linearly rising
+    over the blocks, as in timm/DINO). The feature is the final-normed CLS token. ``image_size`` must be a
+    multiple of ``patch_size``; ``small_stem``/``zero_init_residual`` are ResNet options and an error here.
+    """
+    if name in RESNETS:
+        if drop_path:
+            raise ValueError(f"drop_path applies to ViTs only; {name} has no stochastic depth (got {drop_path})")
+        net = RESNETS[name](weights=None, zero_init_residual=zero_init_residual)
+        if small_stem:
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        dim = net.fc.in_features
+        net.fc = nn.Identity()
+        return net, dim
+    if name in VITS:
+        for flag, value in (("small_stem", small_stem), ("zero_init_residual", zero_init_residual)):
+            if value:
+                raise ValueError(f"{flag} applies to ResNets only, not to {name}")
+        return _build_vit(name, patch_size, image_size, drop_path)
+    raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
+
+
+__all__ = ["BACKBONES", "ViT", "build_backbone"]

@@ -1,0 +1,88 @@
+"""Every method on the embedded shapes data at the demo's budget: kNN and linear probes vs the random-init backbone.
+
+    python bench/methods.py                       # all methods, 250 steps each (~3 min each on 2 CPU cores)
+    python bench/methods.py --methods dino swav   # a subset
+    python bench/methods.py --steps 100           # shorter
+
+Each run is configs/demo.yaml (ResNet-18, 32 px, batch 128, AdamW) with ``method.name`` switched and the few
+method-specific settings below, so the budget is the same for all. Prints a Markdown table and writes it, with the
+per-method JSON, to runs/methods/. The random-init row is the same network the runs start from (same seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from ssltrain import cli
+from ssltrain.config import load_config
+from ssltrain.eval.evaluate import evaluate_run
+from ssltrain.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Method-specific settings at 32 px / 1024-wide heads; everything else is configs/demo.yaml.
+OVERRIDES: dict[str, list[str]] = {
+    "vicreg": [],
+    "vicreg_logdet": [],
+    "vicreg_pairwise": [],
+    "vcreg": [],
+    "simclr": ["method.projector=[1024,128]", "method.simclr.temperature=0.2"],
+    "barlow_twins": ["method.barlow_twins.lambd=0.005"],
+    "diet": ["augment.global_crops.count=1"],
+    "cissl": ["method.projector=[1024,128]", "method.cissl.temperature=0.1"],
+    "dissl": ["method.dissl.classes=2048"],
+    "byol": ["method.projector=[1024,256]", "method.byol.predictor=[1024,256]"],
+    "dino": ["method.dino.out_dim=4096", "method.dino.hidden_dim=1024", "method.dino.bottleneck_dim=256",
+             "method.dino.teacher_temperature=0.04", "augment.local_crops.count=2", "augment.local_crops.size=16",
+             "augment.local_crops.scale=[0.1,0.3]"],
+    "swav": ["method.projector=[1024,128]", "method.swav.prototypes=300", "method.swav.freeze_prototypes_steps=25",
+             "augment.local_crops.count=2", "augment.local_crops.size=16", "augment.local_crops.scale=[0.1,0.3]"],
+}
+
+
+def ensure_shapes(data: Path) -> None:
+    """The demo's shards, written exactly as `make demo` writes them, unless they exist."""
+    if not any(data.glob("train-*.tar")):
+        cli.main(["shards", "shapes", "--out", str(data), "--train", "6000", "--val", "1000", "--shard-size", "1000"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="*", default=list(OVERRIDES), choices=list(OVERRIDES))
+    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--out", default=str(ROOT / "runs" / "methods"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    ensure_shapes(ROOT / "data" / "shapes")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, random = [], None
+    for name in args.methods:
+        overrides = [f"name={name}", f"out_dir={out}", f"steps={args.steps}", "progress=false",
+                     f"method.name={name}", *OVERRIDES[name]]
+        cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
+        cfg.data.train = str(ROOT / cfg.data.train)
+        cfg.eval.train, cfg.eval.val = str(ROOT / cfg.eval.train), str(ROOT / cfg.eval.val)
+        start = time.perf_counter()
+        run_dir = train(cfg)
+        seconds = time.perf_counter() - start
+        results = evaluate_run(run_dir)
+        random = random or results["random"]
+        rows.append((name, results["ssl"]["knn_top1"], results["ssl"]["linear_top1"], seconds))
+        (out / f"{name}.json").write_text(json.dumps({"overrides": overrides, "train_s": seconds, **results}, indent=2))
+        print(f"{name}: kNN {rows[-1][1]:.3f} linear {rows[-1][2]:.3f} ({seconds:.0f} s)", flush=True)
+    lines = [f"| method | kNN top-1 | linear top-1 | train time (s) |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {n} | {k:.3f} | {l:.3f} | {s:.0f} |" for n, k, l, s in rows]
+    if random:
+        lines.append(f"| random init | {random['knn_top1']:.3f} | {random['linear_top1']:.3f} | - |")
+    table = "\n".join(lines)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

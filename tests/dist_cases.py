@@ -1,0 +1,95 @@
+"""Every method's loss on a batch, on one process or split over several (gloo), for the equivalence tests.
+
+The "images" are feature vectors and the backbone is the identity, so the test isolates what distribution can
+break: the loss's batch statistics, gathers and all-reduces. Heads are single Linear layers (no BatchNorm, whose
+per-rank statistics are SyncBN's business, not the loss's).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ssltrain import config as C
+from ssltrain.data.loader import Views
+from ssltrain.methods.barlow_twins import BarlowTwins
+from ssltrain.methods.base import Method
+from ssltrain.methods.byol import BYOL
+from ssltrain.methods.cissl import CISSL
+from ssltrain.methods.diet import DIET
+from ssltrain.methods.dino import DINO
+from ssltrain.methods.dissl import DISSL
+from ssltrain.methods.simclr import SimCLR
+from ssltrain.methods.swav import SwAV
+from ssltrain.methods.vcreg import VCReg
+from ssltrain.methods.vicreg import VICReg
+from ssltrain.methods.vicreg_logdet import VICRegLogDet
+from ssltrain.methods.vicreg_pairwise import VICRegPairwise
+
+DIM, OUT, BATCH, NUM_SAMPLES = 6, 5, 8, 13
+METHODS = ["vicreg", "vicreg_logdet", "vicreg_pairwise", "vcreg", "simclr", "barlow_twins", "diet", "cissl", "dissl",
+           "byol", "dino", "swav"]
+
+
+def make_method(name: str) -> Method:
+    torch.manual_seed(1234)  # same parameters on every rank, as DDP's broadcast would make them
+    backbone, proj = nn.Identity(), [OUT]
+    if name == "vicreg":
+        return VICReg(backbone, DIM, proj, C.VICRegConfig())
+    if name == "vicreg_logdet":
+        return VICRegLogDet(backbone, DIM, proj, C.VICRegLogDetConfig())
+    if name == "vicreg_pairwise":
+        return VICRegPairwise(backbone, DIM, proj, C.VICRegPairwiseConfig(sigma=2.0))
+    if name == "vcreg":
+        return VCReg(backbone, DIM, proj, C.VCRegConfig())
+    if name == "simclr":
+        return SimCLR(backbone, DIM, proj, C.SimCLRConfig(temperature=0.5))
+    if name == "barlow_twins":
+        return BarlowTwins(backbone, DIM, proj, C.BarlowTwinsConfig(lambd=0.1))
+    if name == "diet":
+        return DIET(backbone, DIM, NUM_SAMPLES, C.DIETConfig())
+    if name == "cissl":
+        return CISSL(backbone, DIM, proj, C.CISSLConfig(temperature=0.5))
+    if name == "dissl":
+        return DISSL(backbone, DIM, proj, C.DISSLConfig(classes=7))
+    if name == "byol":
+        return BYOL(backbone, DIM, proj, C.BYOLConfig(predictor=[OUT]))
+    if name == "dino":
+        return DINO(backbone, DIM, C.DINOConfig(out_dim=9, hidden_dim=8, bottleneck_dim=4, teacher_temperature=0.2))
+    if name == "swav":
+        return SwAV(backbone, DIM, proj, C.SwAVConfig(prototypes=7, epsilon=0.5))
+    raise ValueError(name)
+
+
+def full_batch(name: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Two views (float64) of BATCH samples and their dataset indices, fixed per method."""
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    views = [torch.randn(BATCH, DIM, generator=g, dtype=torch.float64) for _ in range(2)]
+    index = torch.randperm(NUM_SAMPLES, generator=g)[:BATCH]
+    return views, index
+
+
+def run(name: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    """Loss, input gradients, parameter gradients (DDP-averaged if replicated) and buffers after one step."""
+    method = make_method(name).double()
+    views, index = full_batch(name)
+    b = BATCH // world
+    xs = [v[rank * b : (rank + 1) * b].clone().requires_grad_(True) for v in views]
+    out = method(Views(xs, [], index[rank * b : (rank + 1) * b], None))
+    out["loss"].backward()
+    result = {"loss": out["loss"].detach()}
+    for k, v in out.items():
+        result[f"term/{k}"] = v.detach()
+    for i, x in enumerate(xs):
+        result[f"input_grad/{i}"] = x.grad
+    for pname, p in method.named_parameters():
+        if p.grad is None:
+            continue
+        grad = p.grad.clone()
+        if world > 1 and not getattr(p, "ssltrain_sharded", False):
+            torch.distributed.all_reduce(grad)  # what DDP does to replicated parameters: average
+            grad /= world
+        result[f"param_grad/{pname}"] = grad
+    for bname, buf in method.named_buffers():
+        result[f"buffer/{bname}"] = buf.detach().clone()
+    return result
