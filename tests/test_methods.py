@@ -95,3 +95,31 @@ def test_collapse_shows_in_the_monitors(shard_dir: Path, tmp_path: Path) -> None
     assert bad["emb_std"] < 0.2 * ok["emb_std"], (bad["emb_std"], ok["emb_std"])
     assert bad["emb_std"] < 0.2 * first_bad["emb_std"]
     assert bad["emb_logdet_entropy"] < ok["emb_logdet_entropy"]
+
+
+@pytest.mark.parametrize("name", ["vicreg", "simclr", "barlow_twins", "cissl"])
+def test_loss_impl_triton_matches_eager_through_the_method(name: str) -> None:
+    """``loss.impl`` switches the method's loss to the fused kernels (interpreted on CPU) without changing it."""
+    import os
+
+    import dist_cases
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    results = {}
+    for impl in ("eager", "triton"):
+        method = dist_cases.make_method(name).double()
+        method.loss_impl = impl
+        views, index = dist_cases.full_batch(name)
+        xs = [v.clone().requires_grad_(True) for v in views]
+        from ssltrain.data.loader import Views
+
+        out = method(Views(xs, [], index, None))
+        out["loss"].backward()
+        results[impl] = (out, [x.grad for x in xs])
+    (eager, eager_grads), (fused, fused_grads) = results["eager"], results["triton"]
+    assert eager.keys() == fused.keys()
+    for key in eager:
+        torch.testing.assert_close(fused[key], eager[key], rtol=1e-9, atol=1e-12)
+    for a, b in zip(fused_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

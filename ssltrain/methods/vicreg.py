@@ -8,6 +8,7 @@ never formed); the eager path is :func:`ssltrain.losses.vicreg_loss` itself.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -24,7 +25,8 @@ def vicreg_terms(z_a: Tensor, z_b: Tensor, c: VICRegConfig, impl: str) -> dict[s
     """The VICReg loss through the fused regulariser when ``impl`` resolves to triton, else the reference."""
     if kernels.resolve_impl(impl, z_a, z_b) == "eager":
         return vicreg_loss(z_a, z_b, c.sim_weight, c.var_weight, c.cov_weight, c.gamma, c.eps)
-    invariance = F.mse_loss(z_a.float(), z_b.float())
+    dtype = torch.promote_types(torch.promote_types(z_a.dtype, z_b.dtype), torch.float32)  # as the reference
+    invariance = F.mse_loss(z_a.to(dtype), z_b.to(dtype))
     var_a, cov_a = kernels.vicreg_regularizer(z_a, c.gamma, c.eps, impl="triton")
     var_b, cov_b = kernels.vicreg_regularizer(z_b, c.gamma, c.eps, impl="triton")
     variance, covariance = (var_a + var_b) / 2, cov_a + cov_b
