@@ -86,27 +86,30 @@ class VICRegConfig:
 class VICRegLogDetConfig:
     """VICReg with the variance/covariance terms replaced by the LogDet entropy 1/2 logdet(I + alpha Cov).
 
-    Per dimension the loss is about ``sim * rho * s^2 - entropy/2 * log(1 + alpha * s^2)`` (rho: the share of a
-    dimension's variance the two views disagree on), which collapses (s -> 0) when ``2 * sim * rho > entropy * alpha``:
-    with weight 1 it collapsed on the demo data; 25 and alpha 4 keep s > 0 for any rho < 2.
+    Per dimension the loss is about ``sim * rho * s^2 - entropy/2 * log(1 + alpha * s^2)`` (s: the dimension's
+    std; rho = MSE / s^2, about 2 while the two views' embeddings are still uncorrelated), so it collapses
+    (s -> 0) when ``2 * sim * rho > entropy * alpha``. Early in training rho ~ 2: weight 1 / alpha 1 and 25 / 4
+    both collapsed on the demo data. A large alpha puts the term in its log regime (a barrier, like VICReg's hinge).
     """
 
     sim_weight: float = 25.0
     entropy_weight: float = 25.0
-    alpha: float = 4.0
+    alpha: float = 64.0
 
 
 @dataclass
 class VICRegPairwiseConfig:
     """VICReg with a Kolchinsky-Tracey pairwise-distance entropy estimate as the anti-collapse term.
 
-    The estimate's data-dependent part is at most log(N) / D per dimension; with weight 1 it lost to the invariance
-    term and the embeddings collapsed on the demo data, so the default matches the invariance weight.
+    Near collapse the estimate grows like ``entropy / sigma^2 * s^2`` per dimension against ``sim * rho * s^2``
+    from the invariance (rho ~ 2 while the views' embeddings are uncorrelated), so it needs
+    ``entropy / sigma^2 >> 2 * sim``: weight 1 / sigma 1 and 25 / 1 collapsed on the demo data. A small sigma
+    sets a small embedding scale, which the probes (on backbone features) do not care about.
     """
 
     sim_weight: float = 25.0
     entropy_weight: float = 25.0
-    sigma: float = 1.0
+    sigma: float = 0.25
     distance: str = "kl"  # kl (upper bound) | bhattacharyya (lower bound)
 
 
@@ -115,7 +118,7 @@ class VCRegConfig:
     """Invariance + the orthonormality penalty ||E[z z^T] - I||_F^2 / D, unbiased from two half-batches."""
 
     sim_weight: float = 1.0
-    ortho_weight: float = 1.0
+    ortho_weight: float = 10.0  # near collapse the penalty pulls like -2 * ortho * s^2 against sim * rho * s^2, rho ~ 2
 
 
 @dataclass

@@ -3,6 +3,7 @@ hooks the loop calls around the optimizer step (schedules, EMA teachers), and th
 
 from __future__ import annotations
 
+import copy
 import math
 from itertools import combinations
 
@@ -10,6 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from ssltrain.data.loader import Views
+from ssltrain.distributed import gather, local_rows, world_size
+from ssltrain.models.heads import MLP
 from ssltrain.monitors import embedding_monitors
 
 
@@ -41,8 +44,6 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A teacher: a deep copy that the optimizer never sees (``requires_grad`` off), updated by EMA only."""
-    import copy
-
     teacher = copy.deepcopy(module)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -110,6 +111,34 @@ class Method(nn.Module):
 
     def forward(self, views: Views) -> dict[str, Tensor]:
         raise NotImplementedError
+
+
+class TwoViewMethod(Method):
+    """Projector + a loss over pairs of views of the batch gathered from all ranks (VICReg and its variants,
+    VCReg, Barlow Twins, SimCLR): subclasses define :meth:`pair_loss` only.
+
+    ``row_split`` methods (contrastive ones) are handed ``rows``, this rank's rows of the stacked pair, to compute
+    only those against all gathered columns; the others compute the whole loss on every rank.
+    """
+
+    row_split = False
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, projector: list[int], cfg: object,
+                 loss_impl: str = "auto") -> None:
+        super().__init__(backbone, feature_dim, loss_impl)
+        self.projector = MLP(feature_dim, projector)
+        self.cfg = cfg
+
+    def pair_loss(self, z_a: Tensor, z_b: Tensor, rows: Tensor | None) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def forward(self, views: Views) -> dict[str, Tensor]:
+        z = self.encode_views(views, self.projector)
+        self.watch(z[0])
+        rows = local_rows(z[0].shape[0], z[0].device) if self.row_split and world_size() > 1 else None
+        z = [gather(v) for v in z]
+        pairs = view_pairs(len(views.global_views), len(views.local_views))
+        return average_terms([self.pair_loss(z[i], z[j], rows) for i, j in pairs])
 
 
 def apply_head(head: nn.Module, parts: list[Tensor]) -> list[Tensor]:

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ssltrain import kernels
 from ssltrain.config import VICRegConfig
-from ssltrain.data.loader import Views
-from ssltrain.distributed import gather
 from ssltrain.losses import vicreg_loss
-from ssltrain.methods.base import Method, average_terms, view_pairs
-from ssltrain.models.heads import MLP
+from ssltrain.methods.base import TwoViewMethod
 
 
 def vicreg_terms(z_a: Tensor, z_b: Tensor, c: VICRegConfig, impl: str) -> dict[str, Tensor]:
@@ -34,16 +31,8 @@ def vicreg_terms(z_a: Tensor, z_b: Tensor, c: VICRegConfig, impl: str) -> dict[s
     return {"loss": loss, "invariance": invariance, "variance": variance, "covariance": covariance}
 
 
-class VICReg(Method):
-    def __init__(self, backbone: nn.Module, feature_dim: int, projector: list[int], cfg: VICRegConfig,
-                 loss_impl: str = "auto") -> None:
-        super().__init__(backbone, feature_dim, loss_impl)
-        self.projector = MLP(feature_dim, projector)
-        self.cfg = cfg
+class VICReg(TwoViewMethod):
+    cfg: VICRegConfig
 
-    def forward(self, views: Views) -> dict[str, Tensor]:
-        z = self.encode_views(views, self.projector)
-        self.watch(z[0])
-        z = [gather(v) for v in z]
-        pairs = view_pairs(len(views.global_views), len(views.local_views))
-        return average_terms([vicreg_terms(z[i], z[j], self.cfg, self.loss_impl) for i, j in pairs])
+    def pair_loss(self, z_a: Tensor, z_b: Tensor, rows: Tensor | None) -> dict[str, Tensor]:
+        return vicreg_terms(z_a, z_b, self.cfg, self.loss_impl)
