@@ -14,6 +14,7 @@ against the gathered batch; the mean over equal-sized row partitions equals the 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -308,6 +309,19 @@ def cissl_loss(
     return {"loss": loss, "accuracy": accuracy}
 
 
+def _invariance_minus_entropy(
+    z_a: Tensor, z_b: Tensor, entropy_of: Callable[[Tensor], Tensor], sim_weight: float, entropy_weight: float
+) -> dict[str, Tensor]:
+    """``sim_weight * mse(z_a, z_b) - entropy_weight * (H(z_a) + H(z_b)) / (2 D)``: the VICReg variants' shape."""
+    _check_pair(z_a, z_b)
+    dtype = _compute_dtype(z_a, z_b)
+    z_a, z_b = z_a.to(dtype), z_b.to(dtype)
+    invariance = F.mse_loss(z_a, z_b)
+    entropy = (entropy_of(z_a) + entropy_of(z_b)) / (2 * z_a.shape[1])
+    loss = sim_weight * invariance - entropy_weight * entropy
+    return {"loss": loss, "invariance": invariance, "entropy": entropy}
+
+
 def vicreg_logdet_loss(
     z_a: Tensor, z_b: Tensor, sim_weight: float = 25.0, entropy_weight: float = 1.0, alpha: float = 1.0
 ) -> dict[str, Tensor]:
@@ -317,15 +331,7 @@ def vicreg_logdet_loss(
     ``entropy = (H(z_a) + H(z_b)) / (2 D)`` with ``H`` = :func:`logdet_entropy` (nats per dimension)
     ``loss = sim_weight * invariance - entropy_weight * entropy``
     """
-    _check_pair(z_a, z_b)
-    dtype = _compute_dtype(z_a, z_b)
-    z_a, z_b = z_a.to(dtype), z_b.to(dtype)
-    d = z_a.shape[1]
-
-    invariance = F.mse_loss(z_a, z_b)
-    entropy = (logdet_entropy(z_a, alpha) + logdet_entropy(z_b, alpha)) / (2 * d)
-    loss = sim_weight * invariance - entropy_weight * entropy
-    return {"loss": loss, "invariance": invariance, "entropy": entropy}
+    return _invariance_minus_entropy(z_a, z_b, lambda z: logdet_entropy(z, alpha), sim_weight, entropy_weight)
 
 
 _PAIRWISE_DISTANCES = {"kl": 2.0, "bhattacharyya": 8.0}
@@ -374,15 +380,9 @@ def vicreg_pairwise_loss(
     ``entropy = (H(z_a) + H(z_b)) / (2 D)`` with ``H`` = :func:`pairwise_entropy` (nats per dimension)
     ``loss = sim_weight * invariance - entropy_weight * entropy``
     """
-    _check_pair(z_a, z_b)
-    dtype = _compute_dtype(z_a, z_b)
-    z_a, z_b = z_a.to(dtype), z_b.to(dtype)
-    d = z_a.shape[1]
-
-    invariance = F.mse_loss(z_a, z_b)
-    entropy = (pairwise_entropy(z_a, sigma, distance) + pairwise_entropy(z_b, sigma, distance)) / (2 * d)
-    loss = sim_weight * invariance - entropy_weight * entropy
-    return {"loss": loss, "invariance": invariance, "entropy": entropy}
+    return _invariance_minus_entropy(
+        z_a, z_b, lambda z: pairwise_entropy(z, sigma, distance), sim_weight, entropy_weight
+    )
 
 
 def orthonormality_penalty(z: Tensor) -> Tensor:
