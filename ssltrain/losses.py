@@ -23,6 +23,7 @@ from torch import Tensor
 __all__ = [
     "covariance_offdiag",
     "logdet_entropy",
+    "marginal_entropy",
     "nt_xent_loss",
     "variance_hinge",
     "vicreg_loss",
@@ -105,6 +106,12 @@ def _check_rows(rows: Tensor | None, total: int, device: torch.device) -> Tensor
 def _entropy(p: Tensor, log_p: Tensor) -> Tensor:
     """Row-wise Shannon entropy ``-sum_c p_c log p_c`` from probabilities and their (finite) logs."""
     return -(p * log_p).sum(dim=-1)
+
+
+def marginal_entropy(marginal: Tensor) -> Tensor:
+    """``H[M] = -sum_c M_c log M_c`` of a distribution; ``log M`` of ``M`` clamped at the smallest positive normal
+    number, so a class whose mass underflows to 0 adds 0 (not NaN) and its gradient stays finite."""
+    return _entropy(marginal, torch.log(marginal.clamp_min(torch.finfo(marginal.dtype).tiny)))
 
 
 def variance_hinge(z: Tensor, gamma: float = 1.0, eps: float = 1e-4) -> Tensor:
@@ -508,14 +515,14 @@ def dissl_loss(
     distill = 0.5 * (ce(p_a, log_q_b) + ce(p_b, log_q_a))
     p = torch.cat([p_a, p_b])
     marginal = p.mean(dim=0)
-    marginal_entropy = _entropy(marginal, torch.log(marginal.clamp_min(torch.finfo(dtype).tiny)))
+    h_marginal = marginal_entropy(marginal)
     conditional_entropy = _entropy(p, torch.cat([log_p_a, log_p_b])).mean()
     teacher_ce = 0.5 * (ce(p_a, log_p_b) + ce(p_b, log_p_a))
-    loss = distill - lambd * marginal_entropy + beta * teacher_ce
+    loss = distill - lambd * h_marginal + beta * teacher_ce
     return {
         "loss": loss,
         "distill": distill,
-        "marginal_entropy": marginal_entropy,
+        "marginal_entropy": h_marginal,
         "conditional_entropy": conditional_entropy,
         "teacher_ce": teacher_ce,
     }

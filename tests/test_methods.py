@@ -123,3 +123,25 @@ def test_loss_impl_triton_matches_eager_through_the_method(name: str) -> None:
         torch.testing.assert_close(fused[key], eager[key], rtol=1e-9, atol=1e-12)
     for a, b in zip(fused_grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_diet_sharded_cross_entropy_equals_the_reference_loss() -> None:
+    """On one process DIET's sharded head computes exactly ``losses.diet_loss`` (the multi-rank equality to the
+    one-process result is in test_distributed_losses)."""
+    from ssltrain.losses import diet_loss
+    from ssltrain.methods.diet import ShardedIndexHead, sharded_smoothed_cross_entropy
+
+    torch.manual_seed(3)
+    head = ShardedIndexHead(6, 13).double()
+    features = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 13, (9,))
+    loss, accuracy = sharded_smoothed_cross_entropy(features, targets, head, 0.8)
+    loss.backward()
+    got = (features.grad.clone(), head.weight.grad.clone())
+    features.grad, head.weight.grad = None, None
+    ref = diet_loss(features @ head.weight.T + head.bias, targets, smoothing=0.8)
+    ref["loss"].backward()
+    torch.testing.assert_close(loss, ref["loss"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(accuracy, ref["accuracy"])
+    torch.testing.assert_close(got[0], features.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], head.weight.grad, rtol=1e-12, atol=1e-12)

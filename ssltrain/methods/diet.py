@@ -82,7 +82,7 @@ def sharded_smoothed_cross_entropy(features: Tensor, targets: Tensor, head: Shar
     with torch.no_grad():
         best_value = all_reduce_max(masked.max(dim=1).values)
         hit = mine & (picked >= best_value)
-        accuracy = all_reduce_sum(hit.float()).mean()
+        accuracy = all_reduce_sum(hit.to(dtype)).mean()
     return loss, accuracy
 
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ssltrain.config import DISSLConfig
 from ssltrain.data.loader import Views
 from ssltrain.distributed import all_reduce_sum
-from ssltrain.losses import dissl_loss
+from ssltrain.losses import dissl_loss, marginal_entropy
 from ssltrain.methods.base import Method, apply_head, average_terms, view_pairs
 from ssltrain.models.heads import MLP
 
@@ -27,7 +27,7 @@ def global_marginal_entropy(teacher_a: Tensor, teacher_b: Tensor, temperature: f
     p = F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=1)
     rows = all_reduce_sum(torch.tensor(float(p.shape[0]), device=p.device))
     marginal = all_reduce_sum(p.sum(dim=0)) / rows
-    return -(marginal * torch.log(marginal.clamp_min(torch.finfo(marginal.dtype).tiny))).sum()  # as dissl_loss
+    return marginal_entropy(marginal)
 
 
 class DISSL(Method):
