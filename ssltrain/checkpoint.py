@@ -1,25 +1,59 @@
-"""Checkpoints: atomic, retained, auto-resumed, loaded with ``weights_only=True``.
+"""Checkpoints: sharded (torch.distributed.checkpoint), committed atomically, retained, resumed on any world size.
 
-A checkpoint is a directory ``checkpoints/step-<N>/`` holding ``state.pt``. It is written under a temporary name,
-flushed to disk, then renamed: a directory with the final name is always complete, so a crash at any moment leaves
-the last good checkpoint loadable. Everything in ``state.pt`` is tensors, numbers, strings and containers of them,
-so it loads without unpickling arbitrary objects.
+A checkpoint is a directory ``checkpoints/step-<N>/``:
+
+- the DCP files (``.metadata``, ``__<rank>_0.distcp``): model and optimizer tensors, each rank writing its part;
+- ``rng-rank<r>.pt``: every rank's RNG states (written by that rank; loaded with ``weights_only=True``);
+- ``meta.json``: step, data position, sample counts, world size, the resolved config;
+- ``COMPLETE``: the commit marker, written by rank 0 last, after a barrier that follows every rank's writes.
+
+Only directories with the marker count, so a crash or ``kill -9`` at any moment (mid-write included) leaves the
+previous checkpoint as the latest loadable one; incomplete directories are removed at the next start.
+
+Loading is safe for checkpoints from elsewhere: only tensors are stored (no pickled objects), tensor data loads
+with ``weights_only=True``, and DCP's pickled ``.metadata`` is read by an unpickler that admits DCP's own
+metadata classes and nothing else.
+
+Resharding: DCP stores global tensor shapes and each rank's chunk, so a checkpoint written by 4 ranks loads on 2
+(or 1, for ``ssltrain eval``/``export``). Parameters sharded by ssltrain itself (DIET's N-way head, tagged
+``ssltrain_sharded``) are presented to DCP as DTensors sharded by rows, so they reshard too.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import pickle
 import random
 import re
 import shutil
+import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from ssltrain.distributed import barrier, is_distributed, rank, world_size
+
+log = logging.getLogger("ssltrain")
+# DCP says so on every single-process save and load; a single process is a supported, intended use here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-STATE_FILE = "state.pt"
+MARKER = "COMPLETE"
+META_FILE = "meta.json"
+FORMAT = 2
 
 
 class CheckpointError(RuntimeError):
@@ -33,6 +67,18 @@ def _fsync_dir(path: Path) -> None:
     finally:
         os.close(fd)
 
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# --- RNG states ---------------------------------------------------------------------------------------------------
 
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
@@ -56,61 +102,291 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class Checkpointer:
-    """Saves and finds checkpoints in one directory; keeps the ``keep`` most recent complete ones."""
+# --- safe reading of DCP metadata -----------------------------------------------------------------------------------
 
-    def __init__(self, directory: Path, keep: int = 3) -> None:
+_ALLOWED_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits DCP's metadata classes, torch dtypes and sizes; anything else in ``.metadata`` is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem") or \
+                (module, name) in _ALLOWED_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a checkpoint never needs")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """FileSystemReader whose metadata unpickling admits only DCP's own classes, and which refuses pickled objects."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as err:
+            raise CheckpointError(f"cannot read '{path}': {err}") from err
+        pickled = [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
+        if pickled:
+            raise CheckpointError(f"'{path.parent}' holds pickled objects ({pickled[0]}, ...); ssltrain checkpoints hold "
+                                  "tensors only and pickles are not loaded")
+
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# --- model/optimizer state with ssltrain's own row-sharded parameters -----------------------------------------------
+
+_MESH: Any = None
+
+
+def _row_mesh() -> Any:
+    global _MESH
+    if _MESH is None or _MESH.size() != world_size():
+        from torch.distributed.device_mesh import init_device_mesh
+
+        _MESH = init_device_mesh("cpu" if dist.get_backend() == "gloo" else "cuda", (world_size(),))
+    return _MESH
+
+
+def _global_rows(local: Tensor, total_rows: int) -> Tensor:
+    """This rank's padded rows of a [total_rows, ...] tensor as DCP should see them: a DTensor sharded by rows
+    (torch.chunk's layout, which ShardedIndexHead follows), or the unpadded tensor in a single process."""
+    rows = local.shape[0]
+    real = max(0, min(rows, total_rows - rank() * rows))
+    part = local[:real]
+    if not is_distributed():
+        return part
+    from torch.distributed.tensor import DTensor, Shard
+
+    shape = torch.Size((total_rows, *local.shape[1:]))
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(part, _row_mesh(), [Shard(0)], run_check=False, shape=shape, stride=stride)
+
+
+def _sharded_rows(model: nn.Module) -> dict[str, int]:
+    """FQN -> global row count of every parameter ssltrain shards by rows itself."""
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return {name: int(p.ssltrain_total_rows) for name, p in inner.named_parameters()
+            if getattr(p, "ssltrain_sharded", False)}
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``({"model": ..., "optim": ...}`` of tensors for DCP, the optimizer's param_groups) from the wrapped model."""
+    msd, osd = get_state_dict(model, optimizer)
+    for fqn, total in _sharded_rows(model).items():
+        msd[fqn] = _global_rows(msd[fqn], total)
+        for key, value in osd["state"].get(fqn, {}).items():
+            if isinstance(value, Tensor) and value.dim() > 0:
+                osd["state"][fqn][key] = _global_rows(value, total)
+    for fqn, states in osd["state"].items():
+        for key, value in states.items():
+            if not isinstance(value, Tensor):
+                states[key] = torch.tensor(value)  # e.g. a step count kept as a number: stored as a tensor
+    return {"model": msd, "optim": osd["state"]}, osd["param_groups"]
+
+
+def _local(value: Any) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    return value.to_local() if isinstance(value, DTensor) else value
+
+
+# --- the checkpointer ------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Pending:
+    step: int
+    path: Path
+    future: Future | None
+    meta: dict[str, Any]
+
+
+class Checkpointer:
+    """Saves, commits, retains and finds checkpoints in one directory (shared by all ranks).
+
+    Retention keeps the ``keep`` most recent complete checkpoints and every one whose step is a multiple of
+    ``keep_every`` (0: none). With ``async_save`` the tensors are copied to host memory and written by a background
+    thread while training goes on; the commit marker follows when the write has finished (checked at the next
+    save, and at the end of the run), so until then the previous checkpoint is the latest.
+    """
+
+    def __init__(self, directory: Path, keep: int = 3, keep_every: int = 0, async_save: bool = False) -> None:
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be at least 1, got {keep}")
         self.directory = Path(directory)
-        self.keep = keep
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for stale in self.directory.glob(".tmp-*"):  # left by a crash mid-write; never a real checkpoint
-            shutil.rmtree(stale, ignore_errors=True)
+        self.keep, self.keep_every, self.async_save = keep, keep_every, async_save
+        self._pending: _Pending | None = None
+        self._async_group: Any = None
+        if rank() == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._remove_incomplete()
+        barrier()
+
+    def _remove_incomplete(self) -> None:
+        for path in self.directory.iterdir():
+            if path.name.startswith(".tmp") or (STEP_DIR.match(path.name) and not (path / MARKER).is_file()):
+                log.info("removing incomplete checkpoint %s (a run stopped while writing it)", path)
+                shutil.rmtree(path, ignore_errors=True)
 
     def complete(self) -> list[tuple[int, Path]]:
         found = []
-        for path in self.directory.iterdir():
-            match = STEP_DIR.match(path.name)
-            if match and (path / STATE_FILE).is_file():
-                found.append((int(match.group(1)), path))
+        if self.directory.is_dir():
+            for path in self.directory.iterdir():
+                match = STEP_DIR.match(path.name)
+                if match and (path / MARKER).is_file():
+                    found.append((int(match.group(1)), path))
         return sorted(found)
 
     def latest(self) -> Path | None:
         done = self.complete()
         return done[-1][1] if done else None
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        final = self.directory / f"step-{step}"
-        tmp = self.directory / f".tmp-step-{step}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        with open(tmp / STATE_FILE, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. a resumed run's final save): replace it atomically
-            trash = self.directory / f".tmp-old-step-{step}-{os.getpid()}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> Path:
+        """Write step ``step`` (every rank calls this); returns its directory, committed unless async."""
+        self.wait()
+        path = self.directory / f"step-{step}"
+        if (path / MARKER).is_file():
+            log.info("checkpoint %s already exists; not written again", path)
+            return path
+        if rank() == 0 and path.exists():
+            shutil.rmtree(path)
+        barrier()
+        state, _ = training_state(model, optimizer)
+        os.makedirs(path, exist_ok=True)
+        torch.save(rng_state(), path / f"rng-rank{rank()}.pt")
+        meta = dict(meta, format=FORMAT, world_size=world_size())
+        if self.async_save:
+            future = dcp.async_save(state, checkpoint_id=str(path), process_group=self._background_group())
+            self._pending = _Pending(step, path, future, meta)  # type: ignore[arg-type]
         else:
-            os.rename(tmp, final)
-        _fsync_dir(self.directory)
-        for _, old in self.complete()[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+            dcp.save(state, checkpoint_id=str(path))
+            self._pending = _Pending(step, path, None, meta)
+            self.wait()
+        return path
+
+    def _background_group(self) -> Any:
+        """A separate gloo group for the background writer, so its collectives never interleave with training's."""
+        if is_distributed() and self._async_group is None:
+            self._async_group = dist.new_group(backend="gloo")
+        return self._async_group
+
+    def wait(self) -> None:
+        """Finish a pending write and commit it: barrier, then rank 0 writes meta.json and the marker, then prunes."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if pending.future is not None:
+            pending.future.result()
+        barrier()
+        if rank() == 0:
+            _write_atomic(pending.path / META_FILE, json.dumps(pending.meta, indent=1).encode())
+            _write_atomic(pending.path / MARKER, b"")
+            self._prune()
+        barrier()
+
+    def _prune(self) -> None:
+        done = self.complete()
+        recent = {step for step, _ in done[-self.keep:]}
+        for step, path in done:
+            if step not in recent and not (self.keep_every and step % self.keep_every == 0):
+                (path / MARKER).unlink()  # first un-commit, so a half-deleted directory never counts
+                shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load ``state.pt`` of a checkpoint directory (or the file itself) safely; any failure is a CheckpointError."""
+def _check_complete(path: Path) -> Path:
     path = Path(path)
-    file = path / STATE_FILE if path.is_dir() else path
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"'{path}' is not a complete checkpoint (no {MARKER} marker): it was being written when "
+                              "the run stopped. Use an earlier step directory, or the run directory to take the latest.")
+    return path
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    path = _check_complete(path)
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - every failure must surface with the path and the way out
-        raise CheckpointError(
-            f"cannot load checkpoint '{file}': {type(err).__name__}: {err}. Delete that directory to resume from the "
-            "previous checkpoint, or start a fresh run (another name, or checkpoint.resume=false)."
-        ) from err
+        return json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read '{path / META_FILE}': {err}. Delete '{path}' to resume from the previous "
+                              "checkpoint.") from err
+
+
+def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load model and optimizer in place (resharded to this world size), this rank's RNG; returns meta.json."""
+    meta = read_meta(path)
+    state, param_groups = training_state(model, optimizer)
+    reader = SafeReader(str(path))
+    try:
+        saved = set(reader.read_metadata().state_dict_metadata)
+        # A parameter that never had a gradient (frozen at first: DINO's last layer, SwAV's prototypes) has no
+        # optimizer state yet; it must stay without one, as in the run that wrote the checkpoint.
+        state["optim"] = {fqn: kept for fqn, states in state["optim"].items()
+                          if (kept := {k: v for k, v in states.items() if f"optim.{fqn}.{k}" in saved})}
+        dcp.load(state, checkpoint_id=str(path), storage_reader=reader)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - any failure must name the checkpoint and the way out
+        raise CheckpointError(f"cannot load checkpoint '{path}': {type(err).__name__}: {err}. Delete that directory "
+                              "to resume from the previous one, or start a fresh run (checkpoint.resume=false).") from err
+    rows = _sharded_rows(model)
+    msd = {k: _local(v) for k, v in state["model"].items()}
+    optim_state = {fqn: {k: _local(v) for k, v in s.items()} for fqn, s in state["optim"].items()}
+    for fqn in rows:  # loaded into the unpadded rows; put them back into the padded local tensors
+        msd[fqn] = _padded_like(model, fqn, msd[fqn])
+        for key, value in optim_state.get(fqn, {}).items():
+            if value.dim() > 0:
+                optim_state[fqn][key] = _padded_like(model, fqn, value)
+    set_state_dict(model, optimizer, model_state_dict=msd,
+                   optim_state_dict={"state": optim_state, "param_groups": param_groups},
+                   options=StateDictOptions(strict=False))  # model keys were checked by dcp.load already
+    rng_file = path / f"rng-rank{rank()}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    else:  # more ranks than the run that wrote it: a fresh stream, deterministic in (step, rank)
+        torch.manual_seed(int(meta["step"]) * 1_000_003 + rank())
+        log.info("rank %d: no RNG state in %s (saved on %s ranks); seeded from the step", rank(), path,
+                 meta.get("world_size"))
+    return meta
+
+
+def _padded_like(model: nn.Module, fqn: str, rows: Tensor) -> Tensor:
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    param = inner.get_parameter(fqn)
+    out = param.detach().clone()
+    out[: rows.shape[0]] = rows
+    return out
+
+
+def load_checkpoint(path: Path, parts: tuple[str, ...] = ("model",)) -> dict[str, Any]:
+    """A checkpoint gathered whole into this process, for eval and export: ``{"model": full state dict,
+    **meta.json}`` (add ``"optim"`` to ``parts`` for the optimizer state, keyed by parameter name).
+
+    ``path`` is a step directory or a run directory (its latest complete checkpoint).
+    """
+    path = Path(path)
+    if not STEP_DIR.match(path.name):
+        latest = Checkpointer.__new__(Checkpointer)
+        latest.directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        found = latest.latest()
+        if found is None:
+            raise CheckpointError(f"no complete checkpoint under '{path}'; train first, or give a step-<N> directory")
+        path = found
+    meta = read_meta(path)
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    try:
+        _load_state_dict(state, storage_reader=SafeReader(str(path)),
+                         planner=_EmptyStateDictLoadPlanner(keys=set(parts)), no_dist=True)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 (DCP's CheckpointException is a BaseException)
+        raise CheckpointError(f"cannot load checkpoint '{path}': {type(err).__name__}: {err}") from err
+    return {**state, "path": str(path), **meta}

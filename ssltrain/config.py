@@ -221,13 +221,32 @@ class OptimConfig:
     warmup_steps: int = 10
     min_lr_ratio: float = 0.001  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 0.0  # max global grad norm; 0 disables
+    accumulate: int = 1  # micro-batches per optimizer step; data.batch_size is the effective batch (lr scales by it)
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 500  # steps between checkpoints (one is always written at the end)
     keep: int = 3  # most recent complete checkpoints kept
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
+    async_save: bool = False  # write in a background thread while training continues (commit follows at the next save)
     resume: bool = True  # continue from the latest complete checkpoint in the run directory
+
+
+@dataclass
+class DistConfig:
+    """Data parallelism; the process group comes from torchrun's or Slurm's environment variables."""
+
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per residual stage / transformer block)
+    sync_bn: bool = False  # DDP: SyncBatchNorm over the global batch (CUDA only)
+    fsdp_bf16_params: bool = True  # FSDP: all-gather parameters in bf16 (not for models with BatchNorm)
+    timeout_s: float = 600.0  # a collective waiting longer (a dead rank) fails with an error instead of hanging
+
+
+@dataclass
+class FaultConfig:
+    nonfinite_patience: int = 5  # after this many non-finite steps in a row, reload the last checkpoint
+    inject_nonfinite_steps: List[int] = field(default_factory=list)  # testing aid: make these steps' loss NaN
 
 
 @dataclass
@@ -260,6 +279,8 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
@@ -276,6 +297,7 @@ _CHOICES = {
     "method.vicreg_pairwise.distance": ("kl", "bhattacharyya"),
     "loss.impl": ("auto", "triton", "eager"),
     "optim.name": ("lars", "adamw"),
+    "dist.strategy": ("ddp", "fsdp"),
 }
 
 
@@ -308,10 +330,14 @@ def _check(cfg: Config, source: str) -> None:
         value = _node_at(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{source}: '{key}' is {value!r}; choose one of {', '.join(allowed)}")
-    positive = ["steps", "data.batch_size", "checkpoint.every", "checkpoint.keep", "augment.global_crops.count"]
+    positive = ["steps", "data.batch_size", "checkpoint.every", "checkpoint.keep", "augment.global_crops.count",
+                "optim.accumulate", "faults.nonfinite_patience"]
     for key in positive:
         if _node_at(cfg, key) <= 0:
             raise ConfigError(f"{source}: '{key}' must be positive, got {_node_at(cfg, key)}")
+    if cfg.data.batch_size % cfg.optim.accumulate:
+        raise ConfigError(f"{source}: data.batch_size {cfg.data.batch_size} is not divisible by optim.accumulate "
+                          f"{cfg.optim.accumulate}")
     for group in ("global_crops", "local_crops"):
         crop: CropConfig = getattr(cfg.augment, group)
         for name in ("scale", "ratio", "blur_sigma"):

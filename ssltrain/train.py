@@ -16,14 +16,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ssltrain.checkpoint import Checkpointer, load_checkpoint, rng_state, set_rng_state
-from ssltrain.config import Config, config_diff, from_yaml_text, to_yaml
+from torch.nn.parallel import DistributedDataParallel
+
+from ssltrain.checkpoint import CheckpointError, Checkpointer, load_training_state
+from ssltrain.config import Config, ConfigError, config_diff, from_yaml_text, to_yaml
 from ssltrain.data.augment import CPURenderer
 from ssltrain.data.loader import AugmentedShards, make_loader
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
-from ssltrain.methods import Method, build_method
+from ssltrain.distributed import agree, all_reduce_sum, barrier, init_distributed
+from ssltrain.methods import build_method
 from ssltrain.metrics import MetricsLog
 from ssltrain.optim import build_optimizer, lr_at, scaled_lr, set_lr
+from ssltrain.parallel import convert_sync_batchnorm, wrap_model
+from ssltrain.preemption import StopRequest
 
 log = logging.getLogger("ssltrain")
 
@@ -44,135 +49,209 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _state(model: Method, optimizer: torch.optim.Optimizer, step: int, position: int, cfg: Config, skipped: int,
-           num_samples: int) -> dict:
-    return {
-        "format": 1,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "data_position": position,
-        "data_samples": num_samples,
-        "data_skipped": skipped,
-        "rng": rng_state(),
-        "config": to_yaml(cfg),
-    }
+def _finite_grads(model: torch.nn.Module) -> bool:
+    """Whether every local gradient is finite (FSDP shards and DIET rows included); combine across ranks with agree."""
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+             for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack([g.float().norm() for g in grads])).all())
+
+
+def _finite_params(model: torch.nn.Module) -> bool:
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    return agree(not all(bool(torch.isfinite(p).all()) for p in local)) is False
+
+
+def _grad_sync(wrapped: torch.nn.Module, last_micro: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        wrapped.set_requires_gradient_sync(last_micro)
+    elif isinstance(wrapped, DistributedDataParallel) and not last_micro:
+        return wrapped.no_sync()
+    return contextlib.nullcontext()
 
 
 def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
     """Pretrain as ``cfg`` says; returns the run directory.
 
+    Run as one process, or one per GPU under torchrun or Slurm (the process group comes from their variables).
     ``stop_after_steps`` ends this process after that many steps (checkpointing first), for time-sliced jobs; the
-    next call resumes where it stopped.
+    next call resumes where it stopped. SIGUSR2/SIGTERM (a scheduler's time limit or preemption) do the same at the
+    next step boundary, then hand the signal on (to submitit, which requeues the job).
     """
-    # --- set-up: device, determinism, run directory --------------------------------------------------------------
+    # --- set-up: process group, device, determinism, run directory ------------------------------------------------
     device = resolve_device(cfg.device)
+    env = init_distributed(device, cfg.dist.timeout_s)
+    if device.type == "cuda" and env.world_size > 1:
+        device = torch.device("cuda", env.local_rank)
+    is_main = env.rank == 0
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    barrier()
 
     # --- data, model, optimizer ----------------------------------------------------------------------------------
     catalog = ShardCatalog.from_spec(cfg.data.train, "data.train")
-    global_batch = cfg.data.batch_size
+    global_batch = cfg.data.batch_size  # per optimizer step, over all ranks and micro-batches
+    accumulate = cfg.optim.accumulate
+    micro_batch = global_batch // accumulate  # per micro-step, over all ranks
+    if micro_batch % env.world_size:
+        raise ConfigError(f"data.batch_size {global_batch} / optim.accumulate {accumulate} = {micro_batch} samples per "
+                          f"micro-batch is not divisible by the {env.world_size} ranks; change data.batch_size")
     model = build_method(cfg, num_samples=len(catalog)).to(device)
+    if cfg.dist.sync_bn and cfg.dist.strategy == "ddp":
+        model = convert_sync_batchnorm(model, device)
+    wrapped = wrap_model(model, cfg.dist.strategy, device, bf16_params=cfg.dist.fsdp_bf16_params)
     optimizer = build_optimizer(model, cfg.optim, global_batch)
     peak_lr = scaled_lr(cfg.optim, global_batch)
 
     # --- resume from the latest complete checkpoint ---------------------------------------------------------------
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
+                                keep_every=cfg.checkpoint.keep_every, async_save=cfg.checkpoint.async_save)
     start_step, data_skipped = 0, 0
     latest = checkpointer.latest() if cfg.checkpoint.resume else None
     if latest is not None:
-        state = load_checkpoint(latest)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start_step, data_skipped = int(state["step"]), int(state["data_skipped"])
-        if state["data_position"] != start_step * global_batch:
-            raise RuntimeError(
-                f"checkpoint '{latest}' was made with global batch {state['data_position'] // max(start_step, 1)}, "
+        meta = load_training_state(latest, wrapped, optimizer)
+        start_step, data_skipped = int(meta["step"]), int(meta["data_skipped"]) if is_main else 0
+        if meta["data_position"] != start_step * global_batch:
+            raise CheckpointError(
+                f"checkpoint '{latest}' was made with global batch {meta['data_position'] // max(start_step, 1)}, "
                 f"this config has {global_batch}: resuming would change the data order; keep data.batch_size"
             )
-        if state["data_samples"] != len(catalog):
+        if meta["data_samples"] != len(catalog):
             log.warning("the data changed since %s (%d -> %d samples): the sample order from here on differs from "
-                        "the run that wrote it", latest, state["data_samples"], len(catalog))
-        changed = config_diff(from_yaml_text(state["config"], str(latest)), cfg)
-        if changed:
+                        "the run that wrote it", latest, meta["data_samples"], len(catalog))
+        changed = config_diff(from_yaml_text(meta["config"], str(latest)), cfg)
+        if changed and is_main:
             log.warning("resuming %s with a changed config: %s", latest, "; ".join(changed))
-        log.info("resumed from %s (step %d)", latest, start_step)
+        log.info("resumed from %s (step %d, written on %s ranks, now %d)", latest, start_step, meta["world_size"],
+                 env.world_size)
     last_step = cfg.steps if stop_after_steps is None else min(cfg.steps, start_step + stop_after_steps)
     if start_step >= cfg.steps:
         log.info("run '%s' already finished (%d steps)", cfg.name, cfg.steps)
         return run_dir
 
     sampler = GlobalBatchSampler(
-        len(catalog), global_batch, cfg.seed, start=start_step * global_batch, end=last_step * global_batch,
-        shuffle=cfg.data.shuffle,
+        len(catalog), micro_batch, cfg.seed, start=start_step * global_batch, end=last_step * global_batch,
+        rank=env.rank, world_size=env.world_size, shuffle=cfg.data.shuffle,
     )
     dataset = AugmentedShards(catalog, CPURenderer(cfg.augment), cfg.seed)
     loader = make_loader(dataset, cfg.data.workers, pin_memory=device.type == "cuda", batch_sampler=sampler)
-    metrics = MetricsLog(run_dir, resume_step=start_step)
-    log.info("%d samples in %d shards; %d steps of %d; lr %.4g", len(catalog), len(catalog.paths), cfg.steps, global_batch, peak_lr)
+    metrics = MetricsLog(run_dir, resume_step=start_step) if is_main else None
+    log.info("%d samples in %d shards; %d steps of %d (%d ranks x %d micro-batches); lr %.4g", len(catalog),
+             len(catalog.paths), cfg.steps, global_batch, env.world_size, accumulate, peak_lr)
+
+    def save(at_step: int) -> None:
+        if not _finite_params(model):  # never let a checkpoint hold what a resume could not recover from
+            log.error("step %d: parameters are not finite; checkpoint not written (the previous one stays)", at_step)
+            return
+        skipped_total = int(all_reduce_sum(torch.tensor(data_skipped)).item())
+        checkpointer.save(at_step, wrapped, optimizer, {
+            "step": at_step, "data_position": at_step * global_batch, "data_samples": len(catalog),
+            "data_skipped": skipped_total, "nonfinite_steps": nonfinite_total, "config": to_yaml(cfg)})
 
     # --- the loop ------------------------------------------------------------------------------------------------
     model.train()
     step = start_step
     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
     lr, out = 0.0, {}
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress, dynamic_ncols=True, unit="step")
+    nonfinite_total, nonfinite_run = 0, 0
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and is_main), dynamic_ncols=True,
+               unit="step")
     batches = iter(loader)
+    stop = StopRequest()
     try:
-        while step < last_step:
-            t0 = time.perf_counter()
-            views = next(batches)
-            data_wait += time.perf_counter() - t0
-            position = (step + 1) * global_batch
-            for problem in views.skipped:
-                if data_skipped < 10:
-                    log.warning("skipped sample %s", problem)
-                data_skipped += 1
-            if views.batch_size < 2:  # nothing to learn from; the position still advances
-                log.warning("step %d: batch had %d usable samples, step skipped", step, views.batch_size)
-            else:
+        with stop:
+            while step < last_step:
                 lr = lr_at(step, cfg.steps, peak_lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
                 set_lr(optimizer, lr)
                 model.on_step_start(step, cfg.steps)  # schedules: teacher temperature, ...
-                with autocast_for(device, cfg.precision):
-                    out = model(views.to(device))
-                loss = out["loss"]
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                model.before_optimizer_step(step)  # e.g. prototypes frozen for the first steps
-                if cfg.optim.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                model.on_step_end(step, cfg.steps)  # EMA teachers
-                window_samples += views.batch_size
-            step += 1
+                usable = True
+                for micro in range(accumulate):
+                    t0 = time.perf_counter()
+                    views = next(batches)
+                    data_wait += time.perf_counter() - t0
+                    for problem in views.skipped:
+                        if data_skipped < 10:
+                            log.warning("skipped sample %s", problem)
+                        data_skipped += 1
+                    # Every rank must take part in every backward (DDP, FSDP and the gathers are collective), so
+                    # a micro-batch too small on any rank skips the step on all of them.
+                    if agree(views.batch_size < 2, device):
+                        log.warning("step %d: a batch had fewer than 2 usable samples, step skipped", step)
+                        usable = False
+                        break
+                    with _grad_sync(wrapped, micro == accumulate - 1), autocast_for(device, cfg.precision):
+                        out = wrapped(views.to(device))
+                        loss = out["loss"]
+                        if step in cfg.faults.inject_nonfinite_steps:
+                            loss = loss * float("nan")
+                        (loss / accumulate).backward()
+                    window_samples += views.batch_size * env.world_size
+                if usable:
+                    finite = not agree(not (_finite_grads(model) and bool(torch.isfinite(loss.detach()))), device)
+                    if finite:
+                        nonfinite_run = 0
+                        model.before_optimizer_step(step)  # e.g. prototypes frozen for the first steps
+                        if cfg.optim.grad_clip > 0:
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                        optimizer.step()
+                        model.on_step_end(step, cfg.steps)  # EMA teachers
+                    else:
+                        nonfinite_total, nonfinite_run = nonfinite_total + 1, nonfinite_run + 1
+                        optimizer.zero_grad(set_to_none=True)
+                        log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step,
+                                    nonfinite_run)
+                        if nonfinite_run >= cfg.faults.nonfinite_patience:
+                            reload_from = checkpointer.latest()
+                            if reload_from is None:
+                                raise RuntimeError(f"{nonfinite_run} non-finite steps in a row and no checkpoint to "
+                                                   "reload; lower optim.lr or raise optim.warmup_steps")
+                            log.warning("step %d: %d non-finite steps in a row; reloading the weights of %s and "
+                                        "continuing with the data from here", step, nonfinite_run, reload_from)
+                            load_training_state(reload_from, wrapped, optimizer)
+                            nonfinite_run = 0
+                step += 1
+                position = step * global_batch
 
-            if step % cfg.log_every == 0 or step == last_step:
-                elapsed = time.perf_counter() - window_start
-                record = {"step": step, "epoch": position / sampler.samples_per_epoch, "lr": lr,
-                          "img_per_s": window_samples / elapsed, "data_wait_s": data_wait, "data_skipped": data_skipped}
-                record.update({k: float(v.detach()) for k, v in out.items()})
-                record.update(model.monitors())  # embedding std, RankMe, LogDet entropy of this step's batch
-                metrics.log(record)
-                loss_value = record.get("loss", math.nan)
-                bar.set_postfix(loss=f"{loss_value:.4g}", img_s=f"{record['img_per_s']:.0f}")
-                window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
-                if not math.isfinite(loss_value):
-                    log.warning("step %d: non-finite loss %s", step, loss_value)
-            bar.update(1)
+                if step % cfg.log_every == 0 or step == last_step:
+                    monitors = model.monitors()  # embedding std, RankMe, LogDet entropy of this rank's batch
+                    skipped_total = int(all_reduce_sum(torch.tensor(data_skipped)).item())
+                    if metrics is not None:
+                        elapsed = time.perf_counter() - window_start
+                        record = {"step": step, "epoch": position / sampler.samples_per_epoch, "lr": lr,
+                                  "img_per_s": window_samples / elapsed, "data_wait_s": data_wait,
+                                  "data_skipped": skipped_total, "nonfinite_steps": nonfinite_total}
+                        record.update({k: float(v.detach()) for k, v in out.items()})
+                        record.update(monitors)
+                        metrics.log(record)
+                        bar.set_postfix(loss=f"{record.get('loss', math.nan):.4g}", img_s=f"{record['img_per_s']:.0f}")
+                    window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+                bar.update(1)
 
-            if step % cfg.checkpoint.every == 0 or step == last_step:
-                checkpointer.save(step, _state(model, optimizer, step, step * global_batch, cfg, data_skipped, len(catalog)))
+                preempted = agree(stop.received is not None, device)
+                if step % cfg.checkpoint.every == 0 or step == last_step or preempted:
+                    save(step)
+                if preempted:
+                    checkpointer.wait()
+                    log.warning("stopped at step %d on %s; the next start resumes here", step,
+                                stop.received.name if stop.received else "another rank's signal")
+                    break
+            checkpointer.wait()
+            if stop.received is not None:
+                stop.forward()  # submitit: requeue the job (rank 0), then exit
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         del batches
     if data_skipped:
-        log.warning("%d corrupt or unreadable samples were skipped (see metrics.jsonl: data_skipped)", data_skipped)
+        log.warning("%d corrupt or unreadable samples were skipped on this rank (see metrics.jsonl: data_skipped)",
+                    data_skipped)
     return run_dir

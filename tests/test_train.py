@@ -15,7 +15,7 @@ import torch
 
 from conftest import make_shards, tiny_config
 from ssltrain.checkpoint import CheckpointError, Checkpointer, load_checkpoint
-from ssltrain.config import to_yaml
+from ssltrain.config import Config, to_yaml
 from ssltrain.metrics import read_metrics
 from ssltrain.train import train
 
@@ -40,26 +40,41 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(shard_dir: Path, tmp_p
     steps = [r["step"] for r in read_metrics(resumed / "metrics.jsonl")]
     assert steps == list(range(1, 7))  # no record twice, none missing
     # optimizer state and schedule position match too
-    sa, sb = load_checkpoint(whole / "checkpoints/step-6"), load_checkpoint(resumed / "checkpoints/step-6")
+    parts = ("model", "optim")
+    sa, sb = load_checkpoint(whole / "checkpoints/step-6", parts), load_checkpoint(resumed / "checkpoints/step-6", parts)
     assert sa["data_position"] == sb["data_position"] == 6 * 8
-    for ka, kb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
-        assert all(torch.equal(ka[k], kb[k]) for k in ka)
+    assert sa["optim"].keys() == sb["optim"].keys() and sa["optim"]
+    for name in sa["optim"]:
+        assert all(torch.equal(sa["optim"][name][k], sb["optim"][name][k]) for k in sa["optim"][name])
 
 
-def test_kill_minus_nine_at_any_moment_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
+def _start_run(tmp_path: Path, overrides: dict) -> tuple[subprocess.Popen, Config]:
     data = tmp_path / "data"
     data.mkdir()
     make_shards(data, [64, 64])
-    overrides = {"steps": 14, "checkpoint.every": 2, "checkpoint.keep": 2}
     cfg = tiny_config(tmp_path, str(data), **overrides)
     cfg.run_dir.mkdir(parents=True)
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(to_yaml(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "ssltrain.cli", "train", str(config_file)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, cfg
+
+
+def _resume_equals_uninterrupted(tmp_path: Path, cfg: Config, overrides: dict) -> None:
+    resumed = train(cfg)
+    uninterrupted = train(tiny_config(tmp_path / "ref", cfg.data.train, **overrides))
+    assert_same_params(final_params(resumed), final_params(uninterrupted))
+    ckpts = cfg.run_dir / "checkpoints"
+    assert all((path / "COMPLETE").is_file() for path in ckpts.iterdir())  # the incomplete ones were removed
+
+
+def test_kill_minus_nine_at_any_moment_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
+    overrides = {"steps": 14, "checkpoint.every": 2, "checkpoint.keep": 2}
+    proc, cfg = _start_run(tmp_path, overrides)
     ckpts = cfg.run_dir / "checkpoints"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (ckpts / "step-4").exists() and proc.poll() is None:
+    while time.monotonic() < deadline and not (ckpts / "step-4/COMPLETE").exists() and proc.poll() is None:
         time.sleep(0.01)
     time.sleep(0.3)  # land somewhere inside a later step or checkpoint write
     proc.send_signal(signal.SIGKILL)
@@ -68,10 +83,25 @@ def test_kill_minus_nine_at_any_moment_leaves_a_loadable_checkpoint(tmp_path: Pa
     latest = Checkpointer(ckpts).latest()
     assert latest is not None and int(latest.name.split("-")[1]) >= 4
     load_checkpoint(latest)  # complete and loadable
-    resumed = train(cfg)
-    uninterrupted = train(tiny_config(tmp_path / "ref", str(data), **overrides))
-    assert_same_params(final_params(resumed), final_params(uninterrupted))
-    assert not list(ckpts.glob(".tmp-*"))
+    _resume_equals_uninterrupted(tmp_path, cfg, overrides)
+
+
+def test_kill_minus_nine_during_a_checkpoint_write(tmp_path: Path) -> None:
+    """Killed while step 4's files are being written (directory there, marker not): step 2 is the latest."""
+    overrides = {"steps": 8, "checkpoint.every": 2, "checkpoint.keep": 5}
+    proc, cfg = _start_run(tmp_path, overrides)
+    step4 = cfg.run_dir / "checkpoints/step-4"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not step4.exists() and proc.poll() is None:
+        time.sleep(0.0005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert step4.exists() and not (step4 / "COMPLETE").exists(), "not killed mid-write; the test proved nothing"
+    assert Checkpointer(cfg.run_dir / "checkpoints").latest().name == "step-2"
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        load_checkpoint(step4)
+    _resume_equals_uninterrupted(tmp_path, cfg, overrides)
 
 
 def test_resuming_on_changed_data_or_config_says_so(shard_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -89,8 +119,8 @@ def test_resuming_on_changed_data_or_config_says_so(shard_dir: Path, tmp_path: P
 def test_corrupt_latest_checkpoint_is_an_error_not_a_restart(shard_dir: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, str(shard_dir), steps=2)
     train(cfg)
-    state = cfg.run_dir / "checkpoints/step-2/state.pt"
-    state.write_bytes(state.read_bytes()[:100])
+    (data_file,) = (cfg.run_dir / "checkpoints/step-2").glob("*.distcp")
+    data_file.write_bytes(data_file.read_bytes()[:100])
     cfg.steps = 4
     with pytest.raises(CheckpointError, match="step-2"):
         train(cfg)

@@ -36,6 +36,7 @@ class ShardedIndexHead(nn.Module):
         self._init_rows(feature_dim, int(torch.initial_seed()))
         for p in (self.weight, self.bias):
             p.ssltrain_sharded = True  # type: ignore[attr-defined]
+            p.ssltrain_total_rows = num_samples  # type: ignore[attr-defined]  # checkpoints reshard by these rows
 
     @torch.no_grad()
     def _init_rows(self, feature_dim: int, seed: int, block: int = 4096) -> None:
