@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from ssltrain.train import train
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = train(cfg)
+    run_dir = train(cfg, stop_after_steps=args.stop_after_steps)
     print(f"run directory: {run_dir}")
 
 
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="pretrain: ssltrain train CONFIG [key=value ...]")
     train.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.3 data.batch_size=128")
+    train.add_argument("--stop-after-steps", type=int, help="checkpoint and stop after this many steps (time-sliced "
+                       "jobs); the next start resumes")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="kNN and linear probes of a run vs. a random-init backbone")
