@@ -1,4 +1,4 @@
-"""``ssltrain`` command line: ``shards``, ``train``, ``eval``."""
+"""``ssltrain`` command line: ``shards``, ``train``, ``eval``, ``export``, ``launch``."""
 
 from __future__ import annotations
 
@@ -71,6 +71,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(format_table(results, step))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from ssltrain.export import export_backbone
+
+    formats = ("safetensors", "torch") if args.format == "both" else (args.format,)
+    for path in export_backbone(Path(args.source), Path(args.out) if args.out else Path(args.source) / "export", formats):
+        print(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssltrain", description="Self-supervised pretraining of vision encoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", help="runs/<name>")
     evaluate.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
     evaluate.set_defaults(func=cmd_eval)
+
+    export = sub.add_parser("export", help="the backbone as a plain torchvision/timm state dict (safetensors, torch)")
+    export.add_argument("source", help="runs/<name> (its latest checkpoint) or a checkpoints/step-<N> directory")
+    export.add_argument("--out", help="output directory (default: SOURCE/export)")
+    export.add_argument("--format", choices=["both", "safetensors", "torch"], default="both")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

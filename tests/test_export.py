@@ -1,0 +1,60 @@
+"""``ssltrain export``: the backbone loads into the stock torchvision / timm model, strictly, with the same output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from ssltrain.checkpoint import load_checkpoint
+from ssltrain.cli import main
+from ssltrain.config import from_yaml_text
+from ssltrain.methods import build_method
+from ssltrain.train import train
+
+
+def ssltrain_backbone(run: Path) -> torch.nn.Module:
+    state = load_checkpoint(run)
+    method = build_method(from_yaml_text(state["config"]), num_samples=state["data_samples"])
+    method.load_state_dict(state["model"])
+    return method.backbone.eval()
+
+
+def test_resnet_export_loads_into_torchvision(shard_dir: Path, tmp_path: Path) -> None:
+    run = train(tiny_config(tmp_path, str(shard_dir), steps=2, **{"method.name": "byol",
+                                                                  "method.byol.predictor": "[32,64]"}))
+    assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 0
+    card = json.loads((tmp_path / "out/backbone.json").read_text())
+    assert card["library"] == "torchvision" and card["architecture"] == "resnet18" and card["step"] == 2
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()
+    model.load_state_dict(load_file(tmp_path / "out/backbone.safetensors"))  # strict: no teacher, no heads
+    from_pt = torch.load(tmp_path / "out/backbone.pt", weights_only=True)
+    assert all(torch.equal(from_pt[k], v) for k, v in model.state_dict().items())
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(model.eval()(x), ssltrain_backbone(run)(x), rtol=0, atol=0)
+
+
+def test_vit_export_loads_into_timm(shard_dir: Path, tmp_path: Path) -> None:
+    run = train(tiny_config(tmp_path, str(shard_dir), steps=1, **{"model.backbone": "vit_tiny", "model.patch_size": 8}))
+    assert main(["export", str(run / "checkpoints/step-1"), "--out", str(tmp_path / "out"), "--format", "safetensors"]) == 0
+    assert not (tmp_path / "out/backbone.pt").exists()
+    card = json.loads((tmp_path / "out/backbone.json").read_text())
+    assert card["library"] == "timm" and "patch_size=8" in card["load"]
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=8,
+                              dynamic_img_size=True)
+    model.load_state_dict(load_file(tmp_path / "out/backbone.safetensors"))
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(model.eval()(x), ssltrain_backbone(run)(x), rtol=0, atol=0)
+
+
+def test_export_of_a_run_without_checkpoints_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "runs/empty/checkpoints").mkdir(parents=True)
+    assert main(["export", str(tmp_path / "runs/empty")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
