@@ -180,6 +180,9 @@ def _sharded_rows(model: nn.Module) -> dict[str, int]:
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
     """``({"model": ..., "optim": ...}`` of tensors for DCP, the optimizer's param_groups) from the wrapped model."""
     msd, osd = get_state_dict(model, optimizer)
+    # The per-parameter dicts are the optimizer's live state: copy them before swapping in DTensor views.
+    osd["state"] = {fqn: dict(states) for fqn, states in osd["state"].items()}
+    msd = dict(msd)
     for fqn, total in _sharded_rows(model).items():
         msd[fqn] = _global_rows(msd[fqn], total)
         for key, value in osd["state"].get(fqn, {}).items():

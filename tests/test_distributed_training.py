@@ -106,11 +106,13 @@ def test_resume_on_other_world_sizes_equals_one_uninterrupted_process(
     assert [r["step"] for r in read_metrics(cfg.run_dir / "metrics.jsonl")] == list(range(1, 7))
 
 
-def test_fsdp_with_an_ema_teacher_equals_one_process(tmp_path: Path, data: str, single: dict) -> None:
-    config, cfg = write_config(tmp_path, "byol", data, **{"method.name": "byol", "dist.strategy": "fsdp",
-                                                           "dist.fsdp_bf16_params": False})
+@pytest.mark.parametrize("method", ["byol", "diet"])
+def test_fsdp_equals_one_process(tmp_path: Path, data: str, single: dict, method: str) -> None:
+    """FSDP2 with BYOL's EMA teacher (sharded like the student), and with DIET's own row-sharded head beside it."""
+    config, cfg = write_config(tmp_path, method, data, **{"method.name": method, "dist.strategy": "fsdp",
+                                                          "dist.fsdp_bf16_params": False})
     torchrun(config, 2)
-    assert_close(params(cfg.run_dir), single["byol"])
+    assert_close(params(cfg.run_dir), single[method])
 
 
 def test_two_torchrun_nodes_on_loopback_equal_one_node_of_four(tmp_path: Path, data: str, single: dict) -> None:
