@@ -259,6 +259,10 @@ class EvalConfig:
     linear_epochs: int = 100
     linear_lr: float = 0.1
     linear_weight_decay: float = 1e-4
+    # Online figures, computed during training (not the offline probes of `ssltrain eval`):
+    online_linear: bool = False  # a linear probe on detached backbone features of the training batches (needs .cls)
+    online_linear_classes: int = 0  # 0: read from the training labels (the resolved count is saved with the run)
+    online_linear_lr: float = 0.0  # 0: 0.1 with LARS (as momentum SGD), 1e-3 with AdamW; same warm-up and cosine
 
 
 @dataclass

@@ -8,6 +8,7 @@ exactly as if it had never stopped.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -89,6 +90,10 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    catalog = ShardCatalog.from_spec(cfg.data.train, "data.train")
+    if cfg.eval.online_linear and cfg.eval.online_linear_classes < 1:
+        cfg = copy.deepcopy(cfg)  # resolved here and saved with the run, so eval rebuilds the same probe
+        cfg.eval.online_linear_classes = int(catalog.labels().max()) + 1
     run_dir = cfg.run_dir
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +101,6 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
     barrier()
 
     # --- data, model, optimizer ----------------------------------------------------------------------------------
-    catalog = ShardCatalog.from_spec(cfg.data.train, "data.train")
     global_batch = cfg.data.batch_size  # per optimizer step, over all ranks and micro-batches
     accumulate = cfg.optim.accumulate
     micro_batch = global_batch // accumulate  # per micro-step, over all ranks
@@ -107,7 +111,7 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
     if cfg.dist.sync_bn and cfg.dist.strategy == "ddp":
         model = convert_sync_batchnorm(model, device)
     wrapped = wrap_model(model, cfg.dist.strategy, device, bf16_params=cfg.dist.fsdp_bf16_params)
-    optimizer = build_optimizer(model, cfg.optim, global_batch)
+    optimizer = build_optimizer(model, cfg.optim, global_batch, probe_lr=cfg.eval.online_linear_lr)
     peak_lr = scaled_lr(cfg.optim, global_batch)
 
     # --- resume from the latest complete checkpoint ---------------------------------------------------------------
@@ -192,7 +196,8 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
                         loss = out["loss"]
                         if step in cfg.faults.inject_nonfinite_steps:
                             loss = loss * float("nan")
-                        (loss / accumulate).backward()
+                        probe_loss = out.get("online_linear_loss", 0.0)  # trains the probe only (detached input)
+                        ((loss + probe_loss) / accumulate).backward()
                     window_samples += views.batch_size * env.world_size
                 if usable:
                     finite = not agree(not (_finite_grads(model) and bool(torch.isfinite(loss.detach()))), device)

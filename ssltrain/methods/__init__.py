@@ -9,7 +9,19 @@ from ssltrain.models.backbones import build_backbone
 
 def build_method(cfg: Config, num_samples: int | None = None) -> Method:
     """The method ``cfg.method.name`` on the configured backbone. ``num_samples`` (the dataset size) is what
-    DIET's index classifier needs; other methods ignore it."""
+    DIET's index classifier needs; other methods ignore it. With ``eval.online_linear`` the method carries an
+    online linear probe (``eval.online_linear_classes`` must be resolved by then)."""
+    method = _build(cfg, num_samples)
+    if cfg.eval.online_linear:
+        from ssltrain.eval.online import OnlineLinearProbe
+
+        if cfg.eval.online_linear_classes < 1:
+            raise ValueError("eval.online_linear needs the number of classes (eval.online_linear_classes)")
+        method.online_probe = OnlineLinearProbe(method.feature_dim, cfg.eval.online_linear_classes)
+    return method
+
+
+def _build(cfg: Config, num_samples: int | None) -> Method:
     m = cfg.model
     backbone, dim = build_backbone(m.backbone, small_stem=m.small_stem, zero_init_residual=m.zero_init_residual,
                                    patch_size=m.patch_size, image_size=cfg.augment.global_crops.size,

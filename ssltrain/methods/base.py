@@ -65,6 +65,10 @@ class Method(nn.Module):
         self.feature_dim = feature_dim
         self.loss_impl = loss_impl
         self._watched: Tensor | None = None
+        self._features: Tensor | None = None  # backbone features of the first global view, this step
+        self.online_probe: nn.Module | None = None  # set by build_method when eval.online_linear is on
+        # Runs inside the module call, so DDP and FSDP see the probe's parameters used in the forward.
+        self.register_forward_hook(_online_probe_terms)
 
     def features(self, images: Tensor) -> Tensor:
         """Backbone features: what probes evaluate and what is exported."""
@@ -85,6 +89,8 @@ class Method(nn.Module):
             if not group:
                 continue
             z = backbone(torch.cat(group))
+            if backbone is self.backbone and group is groups[0]:
+                self._features = z[: group[0].shape[0]].detach()
             if head is not None:
                 z = head(z)
             out.extend(z.chunk(len(group)))
@@ -111,6 +117,18 @@ class Method(nn.Module):
 
     def forward(self, views: Views) -> dict[str, Tensor]:
         raise NotImplementedError
+
+
+def _online_probe_terms(method: Method, args: tuple, output: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Add the online linear probe's terms (``online_linear_loss``, ``online_linear_top1``) to a forward's output.
+
+    The probe sees detached features, so its loss trains the probe alone; the loop adds it to the loss it
+    backpropagates, and logs ``loss`` (the method's own) apart from it.
+    """
+    views = args[0] if args else None
+    if method.online_probe is None or method._features is None or getattr(views, "label", None) is None:
+        return output
+    return {**output, **method.online_probe(method._features, views.label)}
 
 
 class TwoViewMethod(Method):
