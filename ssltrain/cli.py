@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="output directory (default: SOURCE/export)")
     export.add_argument("--format", choices=["both", "safetensors", "torch"], default="both")
     export.set_defaults(func=cmd_export)
+
+    from ssltrain.launch.cli import register as register_launch
+
+    register_launch(sub)
     return parser
 
 
