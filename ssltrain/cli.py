@@ -1,4 +1,4 @@
-"""``ssltrain`` command line: ``shards``, ``train``, ``eval``, ``export``, ``launch``."""
+"""``ssltrain`` command line: ``shards``, ``train``, ``eval``, ``report``, ``export``, ``launch``."""
 
 from __future__ import annotations
 
@@ -63,14 +63,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"run directory: {run_dir}")
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from ssltrain.eval.evaluate import evaluate_run, format_table
-
-    results = evaluate_run(Path(args.run_dir), Path(args.checkpoint) if args.checkpoint else None)
-    step = json.loads((Path(args.run_dir) / "eval.json").read_text())["step"]
-    print(format_table(results, step))
-
-
 def cmd_export(args: argparse.Namespace) -> None:
     from ssltrain.export import export_backbone
 
@@ -103,10 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "jobs); the next start resumes")
     train.set_defaults(func=cmd_train)
 
-    evaluate = sub.add_parser("eval", help="kNN and linear probes of a run vs. a random-init backbone")
-    evaluate.add_argument("run_dir", help="runs/<name>")
-    evaluate.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
-    evaluate.set_defaults(func=cmd_eval)
+    from ssltrain.eval.cli import add_eval_parser, add_report_parser
+
+    add_eval_parser(sub)
+    add_report_parser(sub)
 
     export = sub.add_parser("export", help="the backbone as a plain torchvision/timm state dict (safetensors, torch)")
     export.add_argument("source", help="runs/<name> (its latest checkpoint) or a checkpoints/step-<N> directory")

@@ -1,4 +1,5 @@
-"""Collapse monitors: RankMe, per-dimension std (raw and SimSiam's normalised), LogDet entropy per dimension."""
+"""Collapse monitors: RankMe, per-dimension std (raw and SimSiam's normalised), LogDet entropy per dimension,
+alignment / uniformity of two views, the singular-value spectrum, and the collapse warnings."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 from ssltrain.losses import logdet_entropy
-from ssltrain.monitors import embedding_monitors, rankme, singular_values
+from ssltrain.monitors import (
+    alignment, collapse_warnings, embedding_monitors, rankme, singular_values, spectrum, uniformity,
+)
 
 KEYS = {"emb_std", "emb_std_min", "emb_std_normalized", "emb_rankme", "emb_logdet_entropy"}
 
@@ -90,3 +93,83 @@ def test_single_row_and_non_finite() -> None:
     assert all(math.isnan(v) for v in embedding_monitors(z).values())
     with pytest.raises(ValueError, match="2-D"):
         embedding_monitors(torch.randn(4))
+
+
+# ---------------------------------------------------------------- alignment and uniformity (Wang & Isola 2020)
+
+
+def test_alignment_by_hand() -> None:
+    z = torch.randn(32, 8, generator=_gen(10))
+    assert alignment(z, 3.0 * z) == pytest.approx(0.0, abs=1e-6)  # same directions: perfectly aligned
+    assert alignment(z, -z) == pytest.approx(4.0, rel=1e-6)  # antipodal: ||f - (-f)||^2 = 4, the worst
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])  # orthogonal: ||e1 - e2||^2 = 2
+    assert alignment(a, b) == pytest.approx(2.0)
+
+
+def test_uniformity_by_hand() -> None:
+    # Two antipodal points: one pair at squared distance 4, so log exp(-2 * 4) = -8.
+    assert uniformity(torch.tensor([[1.0, 0.0], [-5.0, 0.0]])) == pytest.approx(-8.0, rel=1e-6)
+    # Three points at 120 degrees on the circle: every pair at squared distance 3, so -6.
+    pts = torch.tensor([[math.cos(a), math.sin(a)] for a in (0.0, 2 * math.pi / 3, 4 * math.pi / 3)])
+    assert uniformity(pts) == pytest.approx(-6.0, rel=1e-5)
+    collapsed = torch.randn(1, 16, generator=_gen(11)).expand(64, 16) * torch.rand(64, 1, generator=_gen(12))
+    assert uniformity(collapsed + 1e-3 * collapsed.abs().max()) == pytest.approx(0.0, abs=1e-3)  # one direction
+    spread = uniformity(torch.randn(512, 16, generator=_gen(13)))
+    assert -4.0 < spread < -3.0  # isotropic on S^15: E exp(-2||f - f'||^2) = E exp(-4 + 4 cos) ~ e^-4 (1 + ...)
+    # logsumexp keeps a hugely spread batch finite where log(mean(exp)) would give log(0)
+    assert math.isfinite(uniformity(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), t=1000.0))
+
+
+def test_pair_keys_with_two_views() -> None:
+    z1 = torch.randn(64, 16, generator=_gen(14))
+    z2 = z1 + 0.1 * torch.randn(64, 16, generator=_gen(15))
+    m = embedding_monitors(z1, other=z2)
+    assert set(m) == KEYS | {"emb_align", "emb_uniform"}
+    assert m["emb_align"] == pytest.approx(alignment(z1, z2)) and 0.0 < m["emb_align"] < 0.1
+    assert m["emb_uniform"] == pytest.approx(0.5 * (uniformity(z1) + uniformity(z2)))
+    far = embedding_monitors(z1, other=torch.randn(64, 16, generator=_gen(16)))
+    assert far["emb_align"] > 1.5  # independent views: ~2 (orthogonal on average)
+    assert "emb_align" not in embedding_monitors(z1)  # one view: the key set is as before
+    bad = z2.clone()
+    bad[0, 0] = float("nan")
+    assert math.isnan(embedding_monitors(z1, other=bad)["emb_align"])
+    with pytest.raises(ValueError, match="shape"):
+        embedding_monitors(z1, other=z2[:10])
+
+
+# ---------------------------------------------------------------- spectrum and warnings
+
+
+def test_spectrum_is_the_principal_axis_stds() -> None:
+    # Independent coordinates with stds 5, 2, 0.5 around a large offset: centring removes the offset.
+    g = _gen(17)
+    z = torch.randn(20000, 3, generator=g, dtype=torch.float64) * torch.tensor([5.0, 2.0, 0.5], dtype=torch.float64) + 100.0
+    s = spectrum(z)
+    torch.testing.assert_close(s, torch.tensor([5.0, 2.0, 0.5], dtype=torch.float64), rtol=0.03, atol=0.0)
+    assert spectrum(z, center=False)[0] > 100.0  # uncentred, the mean dominates
+    wide = torch.randn(10, 40, generator=g)
+    assert spectrum(wide).shape == (9,)  # N <= D: centring leaves rank N - 1, the structural zero is dropped
+    low_rank = _with_singular_values(50, 30, [3.0, 1.0])
+    s = spectrum(low_rank)
+    assert s.shape == (30,) and float(s[2:].max()) < 1e-6 * float(s[0])  # rank 2: the rest is ~0
+    with pytest.raises(ValueError, match="2 rows"):
+        spectrum(torch.randn(1, 4))
+
+
+def test_collapse_warnings() -> None:
+    healthy = {"emb_rankme": 150.0, "emb_std_normalized": 0.9}
+    assert collapse_warnings(healthy) == []
+    low_rank = collapse_warnings({"emb_rankme": 3.2, "emb_std_normalized": 0.9})
+    assert len(low_rank) == 1 and "emb_rankme = 3.2 < 10" in low_rank[0]
+    both = collapse_warnings({"feat_rankme": 1.0, "feat_std_normalized": 0.01}, prefix="feat")
+    assert len(both) == 2 and "feat_std_normalized" in both[1]
+    # A batch of 8 cannot have RankMe above 8: 7 is healthy there; the threshold is capped at max_rank / 2.
+    assert collapse_warnings({"emb_rankme": 7.0}, max_rank=8) == []
+    assert len(collapse_warnings({"emb_rankme": 3.0}, max_rank=8)) == 1
+    # Values as metrics.jsonl stores them: "nan" strings and missing keys warn about nothing.
+    assert collapse_warnings({"emb_rankme": "nan", "emb_std_normalized": None}) == []
+    assert collapse_warnings({}, rankme_min=100.0) == []
+    # The monitors of a collapsed batch trip both warnings.
+    collapsed = torch.randn(1, 32, generator=_gen(18)).expand(256, 32) + 1e-4 * torch.randn(256, 32, generator=_gen(19))
+    assert len(collapse_warnings(embedding_monitors(collapsed))) == 2
+    assert collapse_warnings(embedding_monitors(torch.randn(256, 32, generator=_gen(20)))) == []

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import ssltrain.eval.linear as linear_mod
-from ssltrain.eval.knn import knn_accuracy, knn_predict, topk_accuracy
-from ssltrain.eval.linear import linear_probe, linear_probe_sweep
+from ssltrain.eval.knn import knn_accuracy, knn_predict, knn_sweep, topk_accuracy
+from ssltrain.eval.linear import linear_probe, linear_probe_grid, linear_probe_sweep
 
 
 def polar(degrees: float, radius: float = 1.0) -> list[float]:
@@ -104,6 +104,31 @@ def test_knn_random_labels_near_chance() -> None:
     result = knn_accuracy(bank, torch.randint(0, 10, (2000,), generator=g), queries, torch.randint(0, 10, (1000,), generator=g), 10)
     assert 0.05 < result["top1"] < 0.16
     assert 0.4 < result["top5"] < 0.6
+
+
+def test_knn_sweep_separable_is_perfect_for_every_k() -> None:
+    bank, bank_y, centers = gaussian_clusters(600, 10, 32, spread=0.3, seed=30)
+    queries, query_y, _ = gaussian_clusters(200, 10, 32, spread=0.3, seed=31, centers=centers)
+    result = knn_sweep(bank, bank_y, queries, query_y, 10, ks=(10, 20, 100))
+    assert set(result) == {10, 20, 100}
+    assert all(r == {"top1": 1.0, "top5": 1.0} for r in result.values())
+
+
+def test_knn_sweep_equals_knn_accuracy_per_k() -> None:
+    """One neighbour search for the largest k serves every smaller k exactly (its top-k list is sorted)."""
+    g = torch.Generator().manual_seed(32)
+    bank, queries = torch.randn(300, 16, generator=g), torch.randn(120, 16, generator=g)
+    bank_y, query_y = torch.randint(0, 8, (300,), generator=g), torch.randint(0, 8, (120,), generator=g)
+    ks = (1, 5, 20, 100)
+    swept = knn_sweep(bank, bank_y, queries, query_y, 8, ks=ks, temperature=0.1, chunk_size=50, bank_chunk_size=70)
+    for k in ks:
+        assert swept[k] == knn_accuracy(bank, bank_y, queries, query_y, 8, k=k, temperature=0.1)
+        assert swept[k]["top1"] <= swept[k]["top5"]
+    assert len({swept[k]["top1"] for k in ks}) > 1  # the ks really differ on noisy data
+    with pytest.raises(ValueError, match="exceeds the bank size"):
+        knn_sweep(bank, bank_y, queries, query_y, 8, ks=(10, 301))
+    with pytest.raises(ValueError, match="at least one k"):
+        knn_sweep(bank, bank_y, queries, query_y, 8, ks=())
 
 
 # ---------------------------------------------------------------- linear probe
@@ -204,16 +229,57 @@ def test_sweep_selection_ignores_val_labels() -> None:
 def test_sweep_selection_never_passes_val(monkeypatch: pytest.MonkeyPatch) -> None:
     x, y, xv, yv = separable(seed=13, n_train=300, n_val=100)
     calls = []
-    real = linear_mod.linear_probe
+    real_grid, real_probe = linear_mod.linear_probe_grid, linear_mod.linear_probe
 
-    def spy(train_x, train_y, val_x, val_y, *args, **kwargs):
-        calls.append((val_x is xv, train_x.shape[0]))
-        return real(train_x, train_y, val_x, val_y, *args, **kwargs)
+    def spy_grid(train_x, train_y, val_x, val_y, *args, **kwargs):
+        calls.append(("grid", val_x is xv, train_x.shape[0], val_x.shape[0]))
+        return real_grid(train_x, train_y, val_x, val_y, *args, **kwargs)
 
-    monkeypatch.setattr(linear_mod, "linear_probe", spy)
+    def spy_probe(train_x, train_y, val_x, val_y, *args, **kwargs):
+        calls.append(("probe", val_x is xv, train_x.shape[0], val_x.shape[0]))
+        return real_probe(train_x, train_y, val_x, val_y, *args, **kwargs)
+
+    monkeypatch.setattr(linear_mod, "linear_probe_grid", spy_grid)
+    monkeypatch.setattr(linear_mod, "linear_probe", spy_probe)
     linear_probe_sweep(x, y, xv, yv, 10, **SWEEP)
-    assert [uses_val for uses_val, _ in calls] == [False] * 4 + [True]
-    assert all(n == 240 for _, n in calls[:4]) and calls[-1][1] == 300  # 20% held out per class, then all of train
+    # The grid sees only train (80% fit, 20% per class held out); val is touched once, by the final probe.
+    assert calls == [("grid", False, 240, 60), ("probe", True, 300, 100)]
+
+
+def test_grid_equals_separate_probes() -> None:
+    """The batched grid trains each setting exactly as linear_probe does (same init, batches, lr schedule)."""
+    x, y, xv, yv = separable(seed=14, n_train=400, n_val=200)
+    x = x + 1.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))  # overlap: numbers below 1.0
+    xv = xv + 1.5 * torch.randn(xv.shape, generator=torch.Generator().manual_seed(2))
+    lrs, wds = [1e-7, 0.01, 0.1, 1.0, 0.1], [0.0, 1e-5, 1e-3, 1e-4, 0.5]
+    grid = linear_probe_grid(x, y, xv, yv, 10, lrs, wds, epochs=6, batch_size=64, seed=3)
+    for res, lr, wd in zip(grid, lrs, wds):
+        ref = linear_probe(x, y, xv, yv, 10, lr=lr, weight_decay=wd, epochs=6, batch_size=64, seed=3)
+        assert res == pytest.approx(ref, abs=2 / 200)  # float rounding may flip a sample, not more
+    tops = [g["top1"] for g in grid]
+    assert tops[0] < 0.5 < max(tops) < 1.0  # lr 1e-7 learns nothing; the others do, on data that is not trivial
+    assert grid[4]["train_top1"] < grid[2]["train_top1"]  # weight decay 0.5 holds the fit back
+
+
+def test_sweep_is_faster_than_separate_probes() -> None:
+    """Six settings trained together cost about one probe, not six (measured ~6x cheaper here on 2 CPU cores)."""
+    import time
+
+    x, y, xv, yv = separable(seed=15, n_train=1000, n_val=100, dim=64)
+    kw = dict(epochs=10, batch_size=64)
+    lrs, wds = [0.01, 0.1, 1.0] * 2, [1e-5] * 3 + [1e-3] * 3
+
+    def best_of_two(fn) -> float:
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    grid_s = best_of_two(lambda: linear_probe_grid(x, y, xv, yv, 10, lrs, wds, **kw))
+    separate_s = best_of_two(lambda: [linear_probe(x, y, xv, yv, 10, lr=a, weight_decay=b, **kw) for a, b in zip(lrs, wds)])
+    assert grid_s < separate_s / 2, (grid_s, separate_s)
 
 
 # ---------------------------------------------------------------- bad inputs

@@ -12,12 +12,13 @@ Everything runs on the device the tensors are on; results do not depend on the c
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["knn_predict", "knn_accuracy", "topk_accuracy"]
+__all__ = ["knn_predict", "knn_accuracy", "knn_sweep", "topk_accuracy"]
 
 
 def compute_dtype(*xs: Tensor) -> torch.dtype:
@@ -97,6 +98,62 @@ def _chunk_rows(x: Tensor, start: int, size: int, dtype: torch.dtype) -> Tensor:
     return F.normalize(x[start : start + size].to(dtype), dim=1)
 
 
+def _check_k(k: int, bank_rows: int) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if k > bank_rows:
+        raise ValueError(f"k={k} exceeds the bank size {bank_rows}; use k <= {bank_rows} or a larger bank")
+
+
+def _nearest(bank: Tensor, queries: Tensor, k: int, dtype: torch.dtype, chunk_size: int,
+             bank_chunk_size: int) -> tuple[Tensor, Tensor]:
+    """(similarities, bank indices) [Q, k] of each query's k most cosine-similar bank rows, most similar first."""
+    num_q, num_b, device = queries.shape[0], bank.shape[0], queries.device
+    # Running top-k over the bank chunks seen so far; starts empty so the first chunk may hold fewer than k rows.
+    best_sim = torch.empty(num_q, 0, dtype=dtype, device=device)
+    best_idx = torch.empty(num_q, 0, dtype=torch.long, device=device)
+    for b0 in range(0, num_b, bank_chunk_size):
+        bank_chunk = _chunk_rows(bank, b0, bank_chunk_size, dtype)  # normalised once per bank chunk
+        sims, idxs = [], []
+        for q0 in range(0, num_q, chunk_size):
+            sim = _chunk_rows(queries, q0, chunk_size, dtype) @ bank_chunk.T
+            top_sim, top_idx = sim.topk(min(k, sim.shape[1]), dim=1)
+            cand_sim = torch.cat([best_sim[q0 : q0 + chunk_size], top_sim], dim=1)
+            cand_idx = torch.cat([best_idx[q0 : q0 + chunk_size], top_idx + b0], dim=1)
+            keep_sim, keep = cand_sim.topk(min(k, cand_sim.shape[1]), dim=1)
+            sims.append(keep_sim)
+            idxs.append(cand_idx.gather(1, keep))
+        best_sim, best_idx = torch.cat(sims), torch.cat(idxs)
+    return best_sim, best_idx
+
+
+def _vote(best_sim: Tensor, best_idx: Tensor, bank_labels: Tensor, num_classes: int, temperature: float,
+          chunk_size: int) -> Tensor:
+    """Scores [Q, C]: each listed neighbour adds exp(sim / T) to its class."""
+    labels = bank_labels.to(torch.long)
+    num_q = best_sim.shape[0]
+    scores = torch.empty(num_q, num_classes, dtype=best_sim.dtype, device=best_sim.device)
+    for q0 in range(0, num_q, chunk_size):
+        weights = (best_sim[q0 : q0 + chunk_size] / temperature).exp()  # [c, k]
+        # one_hot + sum instead of scatter_add_: CUDA scatter_add uses atomics and sums in a varying order.
+        votes = F.one_hot(labels[best_idx[q0 : q0 + chunk_size]], num_classes).to(best_sim.dtype)  # [c, k, C]
+        scores[q0 : q0 + chunk_size] = (weights[:, :, None] * votes).sum(dim=1)
+    return scores
+
+
+def _check_predict_inputs(bank: Tensor, bank_labels: Tensor, queries: Tensor, num_classes: int, chunk_size: int,
+                          bank_chunk_size: int) -> None:
+    check_num_classes(num_classes)
+    check_features("bank", bank)
+    check_features("queries", queries)
+    check_pair("bank", bank, "queries", queries)
+    check_finite("bank", bank)
+    check_finite("queries", queries)
+    check_labels("bank_labels", bank_labels, bank.shape[0], num_classes, bank.device)
+    if chunk_size < 1 or bank_chunk_size < 1:
+        raise ValueError(f"chunk sizes must be positive, got chunk_size={chunk_size}, bank_chunk_size={bank_chunk_size}")
+
+
 def knn_predict(
     bank: Tensor,
     bank_labels: Tensor,
@@ -114,47 +171,44 @@ def knn_predict(
     is a ValueError rather than a silent clamp: a vote over fewer neighbours is a different metric, and numbers
     from a too-small bank should not pass for k-NN@k. Scores are float32 (float64 if any input is float64).
     """
-    check_num_classes(num_classes)
-    check_features("bank", bank)
-    check_features("queries", queries)
-    check_pair("bank", bank, "queries", queries)
-    check_finite("bank", bank)
-    check_finite("queries", queries)
-    check_labels("bank_labels", bank_labels, bank.shape[0], num_classes, bank.device)
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    if k > bank.shape[0]:
-        raise ValueError(f"k={k} exceeds the bank size {bank.shape[0]}; use k <= {bank.shape[0]} or a larger bank")
-    if chunk_size < 1 or bank_chunk_size < 1:
-        raise ValueError(f"chunk sizes must be positive, got chunk_size={chunk_size}, bank_chunk_size={bank_chunk_size}")
+    _check_predict_inputs(bank, bank_labels, queries, num_classes, chunk_size, bank_chunk_size)
+    _check_k(k, bank.shape[0])
     dtype = compute_dtype(bank, queries)
     _check_temperature(temperature, k, dtype)
+    best_sim, best_idx = _nearest(bank, queries, k, dtype, chunk_size, bank_chunk_size)
+    return _vote(best_sim, best_idx, bank_labels, num_classes, temperature, chunk_size)
 
-    num_q, num_b, device = queries.shape[0], bank.shape[0], queries.device
-    # Running top-k over the bank chunks seen so far; starts empty so the first chunk may hold fewer than k rows.
-    best_sim = torch.empty(num_q, 0, dtype=dtype, device=device)
-    best_idx = torch.empty(num_q, 0, dtype=torch.long, device=device)
-    for b0 in range(0, num_b, bank_chunk_size):
-        bank_chunk = _chunk_rows(bank, b0, bank_chunk_size, dtype)  # normalised once per bank chunk
-        sims, idxs = [], []
-        for q0 in range(0, num_q, chunk_size):
-            sim = _chunk_rows(queries, q0, chunk_size, dtype) @ bank_chunk.T
-            top_sim, top_idx = sim.topk(min(k, sim.shape[1]), dim=1)
-            cand_sim = torch.cat([best_sim[q0 : q0 + chunk_size], top_sim], dim=1)
-            cand_idx = torch.cat([best_idx[q0 : q0 + chunk_size], top_idx + b0], dim=1)
-            keep_sim, keep = cand_sim.topk(min(k, cand_sim.shape[1]), dim=1)
-            sims.append(keep_sim)
-            idxs.append(cand_idx.gather(1, keep))
-        best_sim, best_idx = torch.cat(sims), torch.cat(idxs)
 
-    labels = bank_labels.to(torch.long)
-    scores = torch.empty(num_q, num_classes, dtype=dtype, device=device)
-    for q0 in range(0, num_q, chunk_size):
-        weights = (best_sim[q0 : q0 + chunk_size] / temperature).exp()  # [c, k]
-        # one_hot + sum instead of scatter_add_: CUDA scatter_add uses atomics and sums in a varying order.
-        votes = F.one_hot(labels[best_idx[q0 : q0 + chunk_size]], num_classes).to(dtype)  # [c, k, C]
-        scores[q0 : q0 + chunk_size] = (weights[:, :, None] * votes).sum(dim=1)
-    return scores
+def knn_sweep(
+    bank: Tensor,
+    bank_labels: Tensor,
+    queries: Tensor,
+    query_labels: Tensor,
+    num_classes: int,
+    ks: Sequence[int] = (10, 20, 100),
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+    bank_chunk_size: int = 65536,
+) -> dict[int, dict[str, float]]:
+    """{k: {"top1", "top5"}} of the weighted kNN vote for several k from ONE neighbour search (the largest k):
+    the k nearest are the first k of the max(ks) nearest, so each extra k costs only its vote.
+
+    Equal to ``knn_accuracy`` per k except where similarities tie at a k-th neighbour.
+    """
+    _check_predict_inputs(bank, bank_labels, queries, num_classes, chunk_size, bank_chunk_size)
+    check_labels("query_labels", query_labels, queries.shape[0], num_classes, queries.device)
+    if not ks:
+        raise ValueError("ks must hold at least one k")
+    for k in ks:
+        _check_k(k, bank.shape[0])
+    dtype = compute_dtype(bank, queries)
+    _check_temperature(temperature, max(ks), dtype)
+    best_sim, best_idx = _nearest(bank, queries, max(ks), dtype, chunk_size, bank_chunk_size)
+    out = {}
+    for k in sorted(set(ks)):
+        scores = _vote(best_sim[:, :k], best_idx[:, :k], bank_labels, num_classes, temperature, chunk_size)
+        out[k] = topk_accuracy(scores, query_labels)
+    return out
 
 
 def knn_accuracy(
