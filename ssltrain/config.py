@@ -263,6 +263,22 @@ class EvalConfig:
     online_linear: bool = False  # a linear probe on detached backbone features of the training batches (needs .cls)
     online_linear_classes: int = 0  # 0: read from the training labels (the resolved count is saved with the run)
     online_linear_lr: float = 0.0  # 0: 0.1 with LARS (as momentum SGD), 1e-3 with AdamW; same warm-up and cosine
+    # kNN (knn_k, knn_temperature) on frozen backbone features every N optimizer steps and at the last one, bank from
+    # eval.train, queries from eval.val (both labeled); logged as online_knn_top1/top5. 0: off.
+    online_knn_every: int = 0
+    online_knn_samples: List[int] = field(default_factory=lambda: [2000, 1000])  # [train, val] evenly spaced caps
+    # Collapse warnings (training log and report) when the monitors fall under these; = monitors.RANKME_WARN/STD_WARN
+    collapse_rankme: float = 10.0  # RankMe, capped at half of min(N, D) of the batch the monitor saw
+    collapse_std: float = 0.1  # normalised embedding std (1 healthy, 0 collapsed)
+
+
+@dataclass
+class LogConfig:
+    """Where training records go besides metrics.jsonl (always written). ``log_every`` stays at the top level."""
+
+    tensorboard: bool = True  # <run>/tb
+    wandb: bool = False  # mirror every record to Weights & Biases from rank 0 (pip install wandb; WANDB_MODE=offline)
+    wandb_project: str = "ssltrain"
 
 
 @dataclass
@@ -286,6 +302,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -339,6 +356,11 @@ def _check(cfg: Config, source: str) -> None:
     for key in positive:
         if _node_at(cfg, key) <= 0:
             raise ConfigError(f"{source}: '{key}' must be positive, got {_node_at(cfg, key)}")
+    if cfg.eval.online_knn_every < 0:
+        raise ConfigError(f"{source}: 'eval.online_knn_every' must be >= 0 (0: off), got {cfg.eval.online_knn_every}")
+    caps = cfg.eval.online_knn_samples
+    if len(caps) != 2 or min(caps) < 1:
+        raise ConfigError(f"{source}: 'eval.online_knn_samples' must be [train, val] sample caps >= 1, got {caps}")
     if cfg.data.batch_size % cfg.optim.accumulate:
         raise ConfigError(f"{source}: data.batch_size {cfg.data.batch_size} is not divisible by optim.accumulate "
                           f"{cfg.optim.accumulate}")
@@ -384,6 +406,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as nested plain dicts (for experiment trackers)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
 
 
 def from_yaml_text(text: str, source: str = "checkpoint") -> Config:

@@ -1,13 +1,22 @@
-"""Where numbers go: ``metrics.jsonl`` (one JSON object a line) and TensorBoard, kept consistent on resume."""
+"""Where numbers go: ``metrics.jsonl`` (one JSON object a line), TensorBoard and optionally Weights & Biases, kept
+consistent on resume; and the training log's collapse warnings."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import secrets
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from torch.utils.tensorboard import SummaryWriter
+
+from ssltrain.config import ConfigError
+from ssltrain.monitors import collapse_warnings
+
+log = logging.getLogger("ssltrain")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -23,8 +32,10 @@ class MetricsLog:
     so keeping both would draw two curves over the same steps. TensorBoard gets the same treatment (``purge_step``).
     """
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True) -> None:
-        """``resume_step``: 0 starts a fresh log, s > 0 continues a resumed run, None appends (eval records)."""
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True,
+                 wandb: WandbSettings | None = None) -> None:
+        """``resume_step``: 0 starts a fresh log, s > 0 continues a resumed run, None appends (eval records).
+        ``wandb``: also mirror every record to this Weights & Biases run."""
         self.path = run_dir / "metrics.jsonl"
         if resume_step == 0 and self.path.is_file():
             self.path.unlink()
@@ -32,6 +43,7 @@ class MetricsLog:
             kept = [r for r in read_metrics(self.path) if "eval" in r or r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step or None) if tensorboard else None
+        self.wandb = start_wandb(wandb, run_dir, fresh=resume_step == 0) if wandb is not None else None
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in record.items()}
@@ -43,7 +55,113 @@ class MetricsLog:
             for key, value in record.items():
                 if key not in ("step", "eval") and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tb.add_scalar(prefix + key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(_wandb_record(record))
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+# ---------------------------------------------------------------- Weights & Biases
+
+
+@dataclass
+class WandbSettings:
+    project: str
+    name: str
+    config: dict[str, Any]  # the resolved config
+
+
+WANDB_ID_FILE = "wandb_id"
+
+
+def require_wandb() -> None:
+    """Fail at start, not at the first log step, when log.wandb=true but wandb cannot be imported."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"log.wandb=true needs the wandb package, which cannot be imported ({err}): "
+                          "pip install wandb (or pip install 'ssltrain[wandb]'), or set log.wandb=false") from None
+
+
+def _wandb_id(run_dir: Path, fresh: bool) -> str:
+    """One W&B run per run directory: the id is kept in ``<run>/wandb_id`` so a resume continues that W&B run;
+    a fresh start (step 0, metrics.jsonl restarted too) gets a new one."""
+    path = run_dir / WANDB_ID_FILE
+    if not fresh and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def start_wandb(settings: WandbSettings, run_dir: Path, fresh: bool) -> Any:
+    """``wandb.init`` for this run directory (files under ``<run>/wandb/``), resuming its W&B run when one exists.
+
+    WANDB_MODE (offline, disabled) is wandb's own to read. Online without credentials or without a network, the run
+    is recorded offline instead, with a warning (``wandb sync <run>/wandb/offline-run-*`` uploads it later): a
+    tracker must never stop a training run.
+    """
+    import wandb
+
+    kwargs = dict(project=settings.project, name=settings.name, dir=str(run_dir), config=settings.config,
+                  id=_wandb_id(run_dir, fresh), resume="allow")
+    try:
+        run = wandb.init(**kwargs)
+    except (wandb.errors.UsageError, wandb.errors.CommError) as err:
+        log.warning("wandb could not start online (%s); logging offline under %s/wandb (upload with `wandb sync`)",
+                    str(err).splitlines()[0] if str(err) else type(err).__name__, run_dir)
+        run = wandb.init(mode="offline", **kwargs)
+    # Plot against the trainer's step, not wandb's own counter: a resumed run re-logs the steps after its last
+    # checkpoint, which wandb would drop as going back in time if they were its step.
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
+
+
+def _wandb_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Numbers only, eval records under ``eval/<kind>/`` as in TensorBoard (``step`` kept as the x axis)."""
+    prefix = f"eval/{record['eval']}/" if "eval" in record else ""
+    out: dict[str, Any] = {"step": int(record["step"])}
+    for key, value in record.items():
+        if key not in ("step", "eval") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix + key] = value
+    return out
+
+
+# ---------------------------------------------------------------- collapse warnings in the training log
+
+
+class CollapseWatch:
+    """Collapse warnings (``monitors.collapse_warnings``) for the training log, once per crossing: a monitor that
+    falls under its threshold warns, stays quiet while it stays there, and may warn again after recovering."""
+
+    KEYS = ("rankme", "std_normalized")
+
+    def __init__(self, rankme_min: float, std_min: float, prefix: str = "emb") -> None:
+        self.rankme_min, self.std_min, self.prefix = rankme_min, std_min, prefix
+        self.below: dict[str, bool] = {}
+
+    def update(self, monitors: Mapping[str, Any], max_rank: int | None = None) -> list[str]:
+        """New warnings for this record of monitor values (``max_rank``: min(N, D) of the monitored batch)."""
+        out = []
+        for key in self.KEYS:
+            name = f"{self.prefix}_{key}"
+            if not _finite(monitors.get(name)):
+                continue  # no reading (missing, nan): neither a crossing nor a recovery
+            warned = collapse_warnings({name: monitors[name]}, self.prefix, self.rankme_min, self.std_min, max_rank)
+            if warned and not self.below.get(name, False):
+                out += warned
+            self.below[name] = bool(warned)
+        return out
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False

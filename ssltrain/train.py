@@ -20,13 +20,14 @@ from tqdm import tqdm
 from torch.nn.parallel import DistributedDataParallel
 
 from ssltrain.checkpoint import CheckpointError, Checkpointer, load_training_state
-from ssltrain.config import Config, ConfigError, config_diff, from_yaml_text, to_yaml
+from ssltrain.config import Config, ConfigError, config_diff, from_yaml_text, to_dict, to_yaml
 from ssltrain.data.augment import CPURenderer
 from ssltrain.data.loader import AugmentedShards, make_loader
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
 from ssltrain.distributed import agree, all_reduce_sum, barrier, init_distributed
+from ssltrain.eval.online_knn import OnlineKNN
 from ssltrain.methods import build_method
-from ssltrain.metrics import MetricsLog
+from ssltrain.metrics import CollapseWatch, MetricsLog, WandbSettings, require_wandb
 from ssltrain.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from ssltrain.parallel import convert_sync_batchnorm, wrap_model
 from ssltrain.preemption import StopRequest
@@ -73,6 +74,12 @@ def _grad_sync(wrapped: torch.nn.Module, last_micro: bool) -> contextlib.Abstrac
     return contextlib.nullcontext()
 
 
+def _monitored_rank(model: torch.nn.Module) -> int | None:
+    """min(N, D) of the embedding batch the collapse monitors saw (RankMe cannot exceed it), when known."""
+    watched = getattr(model, "_watched", None)
+    return min(watched.shape) if watched is not None and watched.dim() == 2 else None
+
+
 def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
     """Pretrain as ``cfg`` says; returns the run directory.
 
@@ -91,6 +98,9 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     catalog = ShardCatalog.from_spec(cfg.data.train, "data.train")
+    online_knn = OnlineKNN.from_config(cfg, device)  # None when off; bad eval.train / eval.val fail here, not at step N
+    if cfg.log.wandb:
+        require_wandb()
     if cfg.eval.online_linear and cfg.eval.online_linear_classes < 1:
         cfg = copy.deepcopy(cfg)  # resolved here and saved with the run, so eval rebuilds the same probe
         cfg.eval.online_linear_classes = int(catalog.labels().max()) + 1
@@ -146,7 +156,10 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
     )
     dataset = AugmentedShards(catalog, CPURenderer(cfg.augment), cfg.seed)
     loader = make_loader(dataset, cfg.data.workers, pin_memory=device.type == "cuda", batch_sampler=sampler)
-    metrics = MetricsLog(run_dir, resume_step=start_step) if is_main else None
+    wandb_run = WandbSettings(cfg.log.wandb_project, cfg.name, to_dict(cfg)) if cfg.log.wandb else None
+    metrics = MetricsLog(run_dir, resume_step=start_step, tensorboard=cfg.log.tensorboard,
+                         wandb=wandb_run) if is_main else None
+    collapse = CollapseWatch(cfg.eval.collapse_rankme, cfg.eval.collapse_std)
     log.info("%d samples in %d shards; %d steps of %d (%d ranks x %d micro-batches); lr %.4g", len(catalog),
              len(catalog.paths), cfg.steps, global_batch, env.world_size, accumulate, peak_lr)
 
@@ -225,7 +238,14 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
                 step += 1
                 position = step * global_batch
 
-                if step % cfg.log_every == 0 or step == last_step:
+                online: dict[str, float] = {}  # rank 0's online kNN figures
+                knn_due = online_knn is not None and online_knn.due(step)
+                if knn_due:  # collective: every rank extracts its share of the features
+                    knn_start = time.perf_counter()
+                    online = online_knn.measure(model, wrapped, is_main)
+                    window_start += time.perf_counter() - knn_start  # img_per_s counts training time only
+
+                if step % cfg.log_every == 0 or step == last_step or knn_due:
                     monitors = model.monitors()  # embedding std, RankMe, LogDet entropy of this rank's batch
                     skipped_total = int(all_reduce_sum(torch.tensor(data_skipped)).item())
                     if metrics is not None:
@@ -235,7 +255,10 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
                                   "data_skipped": skipped_total, "nonfinite_steps": nonfinite_total}
                         record.update({k: float(v.detach()) for k, v in out.items()})
                         record.update(monitors)
+                        record.update(online)
                         metrics.log(record)
+                        for warning in collapse.update(monitors, _monitored_rank(model)):
+                            log.warning("step %d: %s", step, warning)
                         bar.set_postfix(loss=f"{record.get('loss', math.nan):.4g}", img_s=f"{record['img_per_s']:.0f}")
                     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
                 bar.update(1)

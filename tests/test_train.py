@@ -189,3 +189,8 @@ def test_online_linear_probe_learns_on_detached_features(tmp_path: Path) -> None
     assert out["online_linear_loss"].requires_grad and 0.0 <= float(out["online_linear_top1"]) <= 1.0
     at_step_1 = load_checkpoint(run / "checkpoints/step-1")["model"]["online_probe.linear.weight"]
     assert not torch.equal(at_step_1, state["model"]["online_probe.linear.weight"])  # the optimizer trains it
+
+
+def test_tensorboard_can_be_turned_off(shard_dir: Path, tmp_path: Path) -> None:
+    run = train(tiny_config(tmp_path, str(shard_dir), steps=1, threads=1, **{"log.tensorboard": False}))
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1] and not (run / "tb").exists()
