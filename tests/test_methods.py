@@ -89,12 +89,16 @@ def test_collapse_shows_in_the_monitors(shard_dir: Path, tmp_path: Path) -> None
               "data.batch_size": 16}
     healthy = train(tiny_config(tmp_path / "ok", str(shard_dir), **common))
     collapsed = train(tiny_config(tmp_path / "bad", str(shard_dir), **common, **{"method.vicreg.var_weight": 0.0}))
-    ok = read_metrics(healthy / "metrics.jsonl")[-1]
-    bad = read_metrics(collapsed / "metrics.jsonl")[-1]
-    first_bad = read_metrics(collapsed / "metrics.jsonl")[0]
-    assert bad["emb_std"] < 0.2 * ok["emb_std"], (bad["emb_std"], ok["emb_std"])
-    assert bad["emb_std"] < 0.2 * first_bad["emb_std"]
-    assert bad["emb_logdet_entropy"] < ok["emb_logdet_entropy"]
+    ok, bad = read_metrics(healthy / "metrics.jsonl"), read_metrics(collapsed / "metrics.jsonl")
+
+    def late(records: list[dict], key: str) -> float:  # one batch of 16 is noisy: average the last 10 steps
+        return sum(r[key] for r in records[-10:]) / 10
+
+    # Measured (2 cores, torch 2.14.1): std 0.338 at step 1 in both runs; over steps 21-30 about 0.04 without the
+    # variance term and 0.21 with it. One step's ratio wanders around 0.2 from batch to batch, the average's does not.
+    assert late(bad, "emb_std") < 0.35 * late(ok, "emb_std"), (late(bad, "emb_std"), late(ok, "emb_std"))
+    assert late(bad, "emb_std") < 0.25 * bad[0]["emb_std"], (late(bad, "emb_std"), bad[0]["emb_std"])
+    assert late(bad, "emb_logdet_entropy") < late(ok, "emb_logdet_entropy")
 
 
 @pytest.mark.parametrize("name", ["vicreg", "simclr", "barlow_twins", "cissl"])
