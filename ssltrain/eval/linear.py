@@ -73,6 +73,14 @@ def _standardiser(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, torch.where(constant, torch.zeros_like(std), 1.0 / std.clamp_min(torch.finfo(x.dtype).tiny))
 
 
+def _standardised(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
+                  dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both splits standardised with the train split's statistics (as a probe on new data would be), labels as long."""
+    mean, inv_std = _standardiser(train_x.to(dtype))
+    return ((train_x.to(dtype) - mean) * inv_std, train_y.to(torch.long),
+            (val_x.to(dtype) - mean) * inv_std, val_y.to(torch.long))
+
+
 def _fit(x: Tensor, y: Tensor, num_classes: int, epochs: int, lr: float, weight_decay: float, batch_size: int, seed: int) -> nn.Linear:
     """Cross-entropy + SGD(momentum 0.9), per-step cosine lr from ``lr`` to 0, weight decay on the weight only."""
     n, dim = x.shape
@@ -183,11 +191,7 @@ def linear_probe_grid(
         _check_hparams(epochs, lr, wd, batch_size)
     dtype = compute_dtype(train_x, val_x)
     with torch.inference_mode(False), torch.no_grad():
-        x = train_x.to(dtype)
-        mean, inv_std = _standardiser(x)
-        x = (x - mean) * inv_std
-        xv = (val_x.to(dtype) - mean) * inv_std
-        y, yv = train_y.to(torch.long), val_y.to(torch.long)
+        x, y, xv, yv = _standardised(train_x, train_y, val_x, val_y, dtype)
         macs = len(lrs) * min(batch_size, x.shape[0]) * x.shape[1] * num_classes
         with _single_threaded(x.device.type == "cpu" and macs < _SINGLE_THREAD_MACS):
             weight, bias = _fit_grid(x, y, num_classes, epochs, torch.tensor(list(lrs), dtype=torch.float64),
@@ -218,11 +222,7 @@ def linear_probe(
     _check_hparams(epochs, lr, weight_decay, batch_size)
     dtype = compute_dtype(train_x, val_x)
     with torch.inference_mode(False), torch.enable_grad():
-        x = train_x.to(dtype)
-        mean, inv_std = _standardiser(x)
-        x = (x - mean) * inv_std
-        xv = (val_x.to(dtype) - mean) * inv_std
-        y, yv = train_y.to(torch.long), val_y.to(torch.long)
+        x, y, xv, yv = _standardised(train_x, train_y, val_x, val_y, dtype)
         tiny = x.device.type == "cpu" and min(batch_size, x.shape[0]) * x.shape[1] * num_classes < _SINGLE_THREAD_MACS
         with _single_threaded(tiny):
             model = _fit(x, y, num_classes, epochs, lr, weight_decay, batch_size, seed)
