@@ -207,7 +207,7 @@ def test_pretraining_on_digits_beats_the_random_init_backbone(tmp_path: Path) ->
         tmp_path, str(data / "train-*.tar"),
         **{
             "name": "digits", "steps": DIGITS_STEPS, "log_every": 10, "data.batch_size": 256, "data.workers": 1,
-            "augment.global_crops.size": 32, "augment.global_crops.scale": "[0.5,1.0]", "augment.global_crops.flip_p": 0.0,
+            "augment.global_crops.size": 16, "augment.global_crops.scale": "[0.5,1.0]", "augment.global_crops.flip_p": 0.0,
             "augment.global_crops.blur_p": "[0.0]", "augment.global_crops.solarize_p": "[0.0]",
             "augment.global_crops.grayscale_p": 0.0, "method.projector": "[1024,1024,1024]",
             "optim.lr": 0.002, "optim.warmup_steps": 10, "checkpoint.every": 1000,
@@ -216,8 +216,10 @@ def test_pretraining_on_digits_beats_the_random_init_backbone(tmp_path: Path) ->
     )
     results = evaluate_run(train(cfg))
     print(format_table(results, DIGITS_STEPS))
-    assert results["ssl"]["knn_top1"] > results["random"]["knn_top1"]
-    assert results["ssl"]["linear_top1"] > results["random"]["linear_top1"]
+    # Measured (torch 2.14.1 CPU): kNN 0.956 vs 0.915, linear 0.973 vs 0.936. 16 px rather than 32 px: half the
+    # time (32 px and 100 steps gave 0.980 vs 0.935 and 0.985 vs 0.968 in 283 s instead of 118 s).
+    assert results["ssl"]["knn_top1"] > results["random"]["knn_top1"] + 0.015
+    assert results["ssl"]["linear_top1"] > results["random"]["linear_top1"] + 0.015
 
 
-DIGITS_STEPS = 100
+DIGITS_STEPS = 50
