@@ -47,7 +47,8 @@ from ssltrain.distributed import barrier, is_distributed, rank, world_size
 
 log = logging.getLogger("ssltrain")
 # DCP says so on every single-process save and load; a single process is a supported, intended use here.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+SINGLE_PROCESS_DCP_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+warnings.filterwarnings("ignore", message=SINGLE_PROCESS_DCP_WARNING)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MARKER = "COMPLETE"

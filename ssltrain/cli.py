@@ -10,7 +10,7 @@ import time
 import warnings
 from pathlib import Path
 
-from ssltrain.checkpoint import CheckpointError
+from ssltrain.checkpoint import SINGLE_PROCESS_DCP_WARNING, CheckpointError
 from ssltrain.config import ConfigError, load_config
 from ssltrain.data.shards import DataError
 
@@ -20,6 +20,8 @@ log = logging.getLogger("ssltrain")
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     warnings.simplefilter("default")
+    # "default" overrides the module-level ignore in checkpoint.py: DCP warns on every single-process save.
+    warnings.filterwarnings("ignore", message=SINGLE_PROCESS_DCP_WARNING)
     logging.captureWarnings(True)
 
 
