@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from ssltrain.distributed import barrier, is_distributed, rank, world_size
+from ssltrain.distributed import barrier, broadcast_buffers, is_distributed, rank, world_size
 
 log = logging.getLogger("ssltrain")
 # DCP says so on every single-process save and load; a single process is a supported, intended use here.
@@ -177,24 +177,12 @@ def _sharded_rows(model: nn.Module) -> dict[str, int]:
             if getattr(p, "ssltrain_sharded", False)}
 
 
-def _broadcast_buffers(model: nn.Module) -> None:
-    """Give every rank rank 0's buffers (BatchNorm running statistics) before saving.
-
-    Without SyncBatchNorm each rank's running statistics come from its own slice of the batch. DCP saves a replicated
-    tensor from whichever rank its planner picks, so a resumed run could continue from rank 1's statistics where
-    the uninterrupted one keeps rank 0's. DDP broadcasts rank 0's buffers at every forward anyway, so under DDP this
-    changes nothing; under FSDP it makes the saved statistics rank 0's, as under DDP.
-    """
-    if not is_distributed():
-        return
-    for buffer in model.buffers():
-        if isinstance(buffer, Tensor) and not hasattr(buffer, "device_mesh"):
-            dist.broadcast(buffer.data, src=0)
-
-
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
     """``({"model": ..., "optim": ...}`` of tensors for DCP, the optimizer's param_groups) from the wrapped model."""
-    _broadcast_buffers(model)
+    # DCP saves a replicated tensor from whichever rank its planner picks: without this a resumed run could continue
+    # from rank 1's BatchNorm statistics where the uninterrupted one keeps rank 0's (DDP's). Under FSDP it makes
+    # the saved statistics rank 0's, as under DDP.
+    broadcast_buffers(model)
     msd, osd = get_state_dict(model, optimizer)
     # The per-parameter dicts are the optimizer's live state: copy them before swapping in DTensor views.
     osd["state"] = {fqn: dict(states) for fqn, states in osd["state"].items()}

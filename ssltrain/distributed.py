@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 log = logging.getLogger("ssltrain")
 
@@ -251,6 +251,20 @@ def barrier() -> None:
 def shutdown() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) onto every rank, in place; a no-op in one process.
+
+    Without SyncBatchNorm each rank's statistics come from its own slice of the batch. DDP broadcasts rank 0's at
+    every forward; anything else that reads them (a checkpoint, an online probe) calls this first. Collective.
+    """
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for buffer in module.buffers():
+            if not hasattr(buffer, "device_mesh"):  # DTensor buffers are sharded, not replicated
+                dist.broadcast(buffer, src=0)
 
 
 def agree(flag: bool, device: torch.device | None = None) -> bool:

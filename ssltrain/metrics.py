@@ -50,13 +50,10 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
         if self.tb is not None:
-            step = int(record["step"])
-            prefix = f"eval/{record['eval']}/" if "eval" in record else "train/"
-            for key, value in record.items():
-                if key not in ("step", "eval") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(prefix + key, value, step)
+            for name, value in _scalars(record, "train/").items():
+                self.tb.add_scalar(name, value, int(record["step"]))
         if self.wandb is not None:
-            self.wandb.log(_wandb_record(record))
+            self.wandb.log({"step": int(record["step"]), **_scalars(record, "")})  # "step" is the x axis
 
     def close(self) -> None:
         if self.tb is not None:
@@ -123,14 +120,12 @@ def start_wandb(settings: WandbSettings, run_dir: Path, fresh: bool) -> Any:
     return run
 
 
-def _wandb_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    """Numbers only, eval records under ``eval/<kind>/`` as in TensorBoard (``step`` kept as the x axis)."""
-    prefix = f"eval/{record['eval']}/" if "eval" in record else ""
-    out: dict[str, Any] = {"step": int(record["step"])}
-    for key, value in record.items():
-        if key not in ("step", "eval") and isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[prefix + key] = value
-    return out
+def _scalars(record: Mapping[str, Any], train_prefix: str) -> dict[str, float]:
+    """The record's numbers under tracker names: eval records under ``eval/<kind>/``, training ones under
+    ``train_prefix`` (TensorBoard ``train/``, W&B none)."""
+    prefix = f"eval/{record['eval']}/" if "eval" in record else train_prefix
+    return {prefix + key: value for key, value in record.items()
+            if key not in ("step", "eval") and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 # ---------------------------------------------------------------- collapse warnings in the training log

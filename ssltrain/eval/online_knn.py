@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from ssltrain.config import Config, ConfigError
@@ -31,6 +30,7 @@ from ssltrain.data.shards import DataError
 from ssltrain.data.stream import ShardCatalog
 from ssltrain.eval.evaluate import eval_transform, num_classes_of
 from ssltrain.eval.features import FeatureSet, extract_features, subset_ids
+from ssltrain.distributed import broadcast_buffers, is_distributed
 from ssltrain.eval.knn import knn_accuracy
 
 log = logging.getLogger("ssltrain")
@@ -93,13 +93,8 @@ def _rank0_buffers(module: nn.Module) -> Iterator[None]:
     would be of a slightly different network than the checkpoint (rank 0's). Collective.
     """
     buffers = list(module.buffers())
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or not buffers:
-        yield
-        return
-    saved = [b.detach().clone() for b in buffers]
-    with torch.no_grad():
-        for b in buffers:
-            dist.broadcast(b, src=0)
+    saved = [b.detach().clone() for b in buffers] if is_distributed() else []
+    broadcast_buffers(module)
     try:
         yield
     finally:
