@@ -330,7 +330,7 @@ def _invariance_minus_entropy(
 
 
 def vicreg_logdet_loss(
-    z_a: Tensor, z_b: Tensor, sim_weight: float = 25.0, entropy_weight: float = 1.0, alpha: float = 1.0
+    z_a: Tensor, z_b: Tensor, sim_weight: float = 25.0, entropy_weight: float = 25.0, alpha: float = 64.0
 ) -> dict[str, Tensor]:
     """VICReg, information-theoretic variant (Shwartz-Ziv et al., 2023): LogDet entropy instead of var/cov.
 
@@ -377,7 +377,7 @@ def vicreg_pairwise_loss(
     z_a: Tensor,
     z_b: Tensor,
     sim_weight: float = 25.0,
-    entropy_weight: float = 1.0,
+    entropy_weight: float = 100.0,
     sigma: float = 1.0,
     distance: str = "kl",
 ) -> dict[str, Tensor]:
