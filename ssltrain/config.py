@@ -57,11 +57,23 @@ class AugmentConfig:
 
 
 @dataclass
+class VideoConfig:
+    """Video shards (written by ``ssltrain shards video``): how two views are cut from one clip sample."""
+
+    mode: str = "clips"  # clips: two clips of `frames` frames (video backbone) | frames: two frames (image backbone)
+    frames: int = 8  # frames per clip view (mode=clips)
+    max_gap_s: float = 1.0  # the two views start at most this many seconds apart (a random gap in [0, max_gap_s])
+
+
+@dataclass
 class DataConfig:
     train: str = "???"  # shard paths: a directory, a glob, a brace pattern, or several separated by commas
     batch_size: int = 256  # global batch, over all ranks
     workers: int = 2  # DataLoader worker processes per rank
     shuffle: bool = True
+    loader: str = "torch"  # torch: CPU decode + augment in DataLoader workers | dali: DALI (GPU when there is one)
+    modality: str = "image"  # image | video (shards of clips from `ssltrain shards video`)
+    video: VideoConfig = field(default_factory=VideoConfig)
 
 
 @dataclass
@@ -319,6 +331,9 @@ _CHOICES = {
     "loss.impl": ("auto", "triton", "eager"),
     "optim.name": ("lars", "adamw"),
     "dist.strategy": ("ddp", "fsdp"),
+    "data.loader": ("torch", "dali"),
+    "data.modality": ("image", "video"),
+    "data.video.mode": ("clips", "frames"),
 }
 
 

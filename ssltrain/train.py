@@ -21,8 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ssltrain.checkpoint import CheckpointError, Checkpointer, load_training_state
 from ssltrain.config import Config, ConfigError, config_diff, from_yaml_text, to_dict, to_yaml
-from ssltrain.data.augment import CPURenderer
-from ssltrain.data.loader import AugmentedShards, make_loader
+from ssltrain.data.pipeline import build_train_loader
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
 from ssltrain.distributed import agree, all_reduce_sum, barrier, init_distributed
 from ssltrain.eval.online_knn import OnlineKNN
@@ -154,8 +153,7 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
         len(catalog), micro_batch, cfg.seed, start=start_step * global_batch, end=last_step * global_batch,
         rank=env.rank, world_size=env.world_size, shuffle=cfg.data.shuffle,
     )
-    dataset = AugmentedShards(catalog, CPURenderer(cfg.augment), cfg.seed)
-    loader = make_loader(dataset, cfg.data.workers, pin_memory=device.type == "cuda", batch_sampler=sampler)
+    loader = build_train_loader(cfg, catalog, sampler, device)
     wandb_run = WandbSettings(cfg.log.wandb_project, cfg.name, to_dict(cfg)) if cfg.log.wandb else None
     metrics = MetricsLog(run_dir, resume_step=start_step, tensorboard=cfg.log.tensorboard,
                          wandb=wandb_run) if is_main else None
