@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -25,36 +26,68 @@ def _setup_logging() -> None:
     logging.captureWarnings(True)
 
 
-def _write(samples, out: Path, prefix: str, max_count: int) -> list[Path]:
+def _write(samples, out: Path, prefix: str, size) -> list[Path]:
     from ssltrain.data.shards import write_shards
 
     start = time.perf_counter()
-    paths = write_shards(samples, out, prefix, max_count=max_count)
+    caps = {"max_count": size.samples} if size.samples else {"max_count": 1 << 62, "max_size": size.bytes}
+    paths = write_shards(samples, out, prefix, **caps)
     log.info("wrote %d shards to %s/%s-*.tar in %.1fs", len(paths), out, prefix, time.perf_counter() - start)
     return paths
 
 
-def cmd_shards(args: argparse.Namespace) -> None:
-    out = Path(args.out)
+def cmd_shards(args: argparse.Namespace) -> int | None:
+    from ssltrain.data.ingest import ShardSize
+
+    if args.source == "verify":
+        return cmd_shards_verify(args)
+    out, size = Path(args.out), ShardSize.parse(args.shard_size)
     if args.source in ("shapes", "digits"):
         from ssltrain.data.embedded import EMBEDDED
 
         dataset = EMBEDDED[args.source]
         sizes = dataset.split_sizes or {"train": args.train, "val": args.val}
         for split, count in sizes.items():
-            _write(dataset.samples(split, count, seed=args.seed, size=args.size), out, split, args.shard_size)
+            _write(dataset.samples(split, count, seed=args.seed, size=args.size), out, split, size)
         (out / "classes.json").write_text(json.dumps(list(dataset.classes)))
         return
-    from ssltrain.data import folders
+    if args.source == "video":
+        from ssltrain.data.video import write_video_shards
 
+        start = time.perf_counter()
+        report = write_video_shards([Path(p) for p in args.inputs], out, args.prefix, fps=args.fps,
+                                    short_side=args.short_side, clip_seconds=args.clip_seconds,
+                                    shard_samples=size.samples or 1000, workers=args.workers)
+        log.info("%s in %.1fs", report, time.perf_counter() - start)
+        return
+    from ssltrain.data import folders
+    from ssltrain.data.ingest import ingest_folder
+
+    root = Path(args.inputs[0])
     if args.source == "imagefolder":
-        classes, samples = folders.imagefolder_samples(Path(args.root))
+        classes, samples = folders.imagefolder_samples(root)
         out.mkdir(parents=True, exist_ok=True)
         (out / "classes.json").write_text(json.dumps(classes))
     else:
-        samples = folders.unlabeled_samples(Path(args.root))
-    _write(samples, out, args.prefix, args.shard_size)
-    log.info("%d images written, %d unreadable files skipped", samples.yielded, samples.skipped)
+        samples = folders.unlabeled_samples(root)
+    start = time.perf_counter()
+    report = ingest_folder(samples, out, args.prefix, size, workers=args.workers)
+    log.info("wrote %d shards (%d samples) to %s/%s-*.tar in %.1fs; kept %d finished earlier; %d unreadable files "
+             "skipped", len(report.written), report.samples, out, args.prefix, time.perf_counter() - start,
+             len(report.kept), len(report.skipped))
+
+
+def cmd_shards_verify(args: argparse.Namespace) -> int:
+    from ssltrain.data.verify import verify_shards
+
+    report = verify_shards(",".join(args.inputs), workers=args.workers, decode=not args.no_decode,
+                           fix_index=args.fix_index)
+    for problem in report.problems:
+        print(problem)
+    bad = sum(1 for s in report.shards if s.problems)
+    print(f"{len(report.shards)} shards, {report.samples} samples: " +
+          ("all good" if report.ok else f"{len(report.problems)} problems in {bad} shards"))
+    return 0 if report.ok else 1
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -77,17 +110,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssltrain", description="Self-supervised pretraining of vision encoders.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    shards = sub.add_parser("shards", help="write WebDataset shards (with DALI-compatible .idx files)")
-    shards.add_argument("source", choices=["shapes", "digits", "imagefolder", "unlabeled"],
-                        help="embedded sets (shapes, digits) or your images (class-folder tree, or any folder)")
-    shards.add_argument("root", nargs="?", help="input folder for imagefolder / unlabeled")
-    shards.add_argument("--out", required=True, help="output directory for the .tar and .idx files")
-    shards.add_argument("--prefix", default="train", help="shard name prefix for folder sources")
-    shards.add_argument("--shard-size", type=int, default=10_000, help="samples per shard")
+    shards = sub.add_parser("shards", help="write WebDataset shards (with DALI-compatible .idx files), or verify them")
+    shards.add_argument("source", choices=["shapes", "digits", "imagefolder", "unlabeled", "video", "verify"],
+                        help="embedded sets (shapes, digits), your images (class-folder tree, or any folder), "
+                             "video files, or `verify` to check existing shards")
+    shards.add_argument("inputs", nargs="*", help="imagefolder/unlabeled: the input folder; video: video files or "
+                        "folders; verify: shard directories, globs or {000..009} patterns")
+    shards.add_argument("--out", help="output directory for the .tar and .idx files")
+    shards.add_argument("--prefix", default="train", help="shard name prefix for folder and video sources")
+    shards.add_argument("--shard-size", default="10000",
+                        help="samples per shard (10000) or bytes per shard (1GB, 500MB)")
+    shards.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes writing (or verifying) shards in parallel")
     shards.add_argument("--train", type=int, default=6000, help="shapes: training images")
     shards.add_argument("--val", type=int, default=1000, help="shapes: held-out images")
     shards.add_argument("--size", type=int, default=32, help="embedded sets: image side in pixels")
     shards.add_argument("--seed", type=int, default=0)
+    shards.add_argument("--fps", type=float, default=8.0, help="video: frames per second kept")
+    shards.add_argument("--short-side", type=int, default=128, help="video: frames resized to this short side")
+    shards.add_argument("--clip-seconds", type=float, default=4.0, help="video: length of each clip sample")
+    shards.add_argument("--no-decode", action="store_true", help="verify: check structure and index only")
+    shards.add_argument("--fix-index", action="store_true", help="verify: rewrite missing or stale .idx files")
     shards.set_defaults(func=cmd_shards)
 
     train = sub.add_parser("train", help="pretrain: ssltrain train CONFIG [key=value ...]")
@@ -114,18 +157,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shards_usage_error(args: argparse.Namespace) -> str:
+    example = {"imagefolder": "~/images", "unlabeled": "~/images", "video": "~/videos", "verify": "data/mine"}
+    if args.source in example and not args.inputs:
+        what = "the input folder" if args.source != "verify" else "the shards to check"
+        return f"give {what}, e.g. ssltrain shards {args.source} {example[args.source]}" + (
+            "" if args.source == "verify" else " --out data/mine")
+    if args.source in ("imagefolder", "unlabeled") and len(args.inputs) > 1:
+        return f"takes one input folder, got {len(args.inputs)}"
+    if args.source != "verify" and not args.out:
+        return "give the output directory with --out DIR"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "shards" and args.source in ("imagefolder", "unlabeled") and not args.root:
-        print(f"ssltrain shards {args.source}: give the input folder, e.g. ssltrain shards {args.source} ~/images --out data/mine", file=sys.stderr)
-        return 2
+    if args.command == "shards":
+        usage = _shards_usage_error(args)
+        if usage:
+            print(f"ssltrain shards {args.source}: {usage}", file=sys.stderr)
+            return 2
     _setup_logging()
     try:
-        args.func(args)
+        return args.func(args) or 0  # a command returns a non-zero status when it found problems (shards verify)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
         print(f"ssltrain {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -62,26 +62,10 @@ class FolderSamples:
 
     def _generate(self) -> Iterator[dict]:
         for position, (path, label) in enumerate(self.files):
-            try:
-                data = path.read_bytes()
-            except OSError as err:
-                self._skip(path, f"cannot be read ({err.strerror or err})")
+            sample = folder_sample(path, label, position)
+            if isinstance(sample, str):
+                self._skip(path, sample)
                 continue
-            try:
-                with Image.open(io.BytesIO(data)) as img:
-                    fmt = img.format
-                    img.verify()
-            except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, struct.error, ...)
-                self._skip(path, f"not a valid image ({type(err).__name__}: {err})")
-                continue
-            ext = _FORMAT_EXT.get(fmt or "")
-            if ext is None:
-                self._skip(path, f"its content is {fmt}, not one of {', '.join(sorted(set(_FORMAT_EXT.values())))}")
-                continue
-            if label is None:
-                sample = {"__key__": f"{position:09d}", ext: data}
-            else:
-                sample = {"__key__": f"{label:05d}_{position:09d}", ext: data, "cls": label}
             self.yielded += 1
             yield sample
         if self.files and not self.yielded:
@@ -89,6 +73,26 @@ class FolderSamples:
                 f"none of the {len(self.files)} image files under '{self.root}' could be read "
                 f"(first: '{self.skipped_files[0][0]}': {self.skipped_files[0][1]}); check that the files are intact"
             )
+
+
+def folder_sample(path: Path, label: int | None, position: int) -> dict | str:
+    """The webdataset sample of one image file, or the reason it is skipped (unreadable, not an image)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+            img.verify()
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, struct.error, ...)
+        return f"not a valid image ({type(err).__name__}: {err})"
+    ext = _FORMAT_EXT.get(fmt or "")
+    if ext is None:
+        return f"its content is {fmt}, not one of {', '.join(sorted(set(_FORMAT_EXT.values())))}"
+    if label is None:
+        return {"__key__": f"{position:09d}", ext: data}
+    return {"__key__": f"{label:05d}_{position:09d}", ext: data, "cls": label}
 
 
 def _visible(path: Path, root: Path) -> bool:

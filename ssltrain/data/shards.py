@@ -238,6 +238,27 @@ def write_shards(
     return written
 
 
+def write_shard(samples: Iterable[dict], final: Path) -> ShardIndex:
+    """Write one shard at ``final`` atomically: a temporary tar, flushed to disk, indexed, then renamed.
+
+    The index is written before the rename, so a ``.tar`` under its real name always has its ``.idx``: a crash at
+    any moment leaves either a finished shard or a temporary file that a resumed ingest overwrites.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as stream:
+        with wds.TarWriter(stream, mtime=0.0) as sink:  # no wall-clock time: the same files give the same bytes
+            for sample in samples:
+                sink.write(sample)
+        stream.flush()
+        os.fsync(stream.fileno())
+    index = scan_tar(tmp)
+    index.path = final
+    write_index(index, index_path_for(final))
+    os.replace(tmp, final)
+    return index
+
+
 def iter_members(index: ShardIndex) -> Iterator[tuple[SampleEntry, dict[str, bytes]]]:
     """Read every sample of a shard in file order (for verification and feature extraction)."""
     with open(index.path, "rb") as f:

@@ -1,0 +1,119 @@
+"""``ssltrain shards verify``: prove a shard set is usable before a long run spends GPU hours finding out.
+
+For every shard: the ``.idx`` exists and agrees with the tar's own headers (sample count, keys, offsets), nothing
+is cut short, every image decodes completely, every label parses. Shards are checked in parallel; the report names
+each problem with its shard and key, so a bad shard can be rewritten alone.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ssltrain.data.loader import _DECODE_ERRORS, decode_image
+from ssltrain.data.shards import (IMAGE_EXTS, DataError, ShardIndex, _parse_index, expand_shards, index_path_for,
+                                  iter_members, scan_tar, write_index)
+
+VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
+
+
+@dataclass
+class ShardCheck:
+    path: Path
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)  # "key: what is wrong", or a shard-level message
+
+
+@dataclass
+class VerifyReport:
+    shards: list[ShardCheck]
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"{s.path}: {p}" for s in self.shards for p in s.problems]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _compare_index(indexed: ShardIndex, scanned: ShardIndex) -> list[str]:
+    if len(indexed.samples) != len(scanned.samples):
+        return [f"index lists {len(indexed.samples)} samples, the tar holds {len(scanned.samples)}; rebuild it "
+                f"with --fix-index"]
+    for a, b in zip(indexed.samples, scanned.samples):
+        where = {e: (c.offset, c.size) for e, c in a.components.items()}
+        if a.key != b.key or where != {e: (c.offset, c.size) for e, c in b.components.items()}:
+            return [f"index entry for '{a.key}' does not match the tar (tar has '{b.key}'); rebuild it with "
+                    f"--fix-index"]
+    return []
+
+
+def _check_sample(key: str, data: dict[str, bytes], decode: bool) -> list[str]:
+    problems = []
+    images = [e for e in IMAGE_EXTS if e in data]
+    videos = [e for e in VIDEO_EXTS if e in data]
+    if not images and not videos:
+        problems.append(f"{key}: no image or video member (has: {', '.join(sorted(data)) or 'nothing'})")
+    elif images and decode:
+        try:
+            decode_image(data[images[0]])
+        except _DECODE_ERRORS as err:
+            problems.append(f"{key}: image does not decode ({type(err).__name__}: {err})")
+    elif videos and not data[videos[0]]:
+        problems.append(f"{key}: video member is empty")
+    if "cls" in data:
+        try:
+            int(data["cls"].decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            problems.append(f"{key}: label {data['cls'][:20]!r} is not an integer")
+    return problems
+
+
+def verify_shard(path: Path, decode: bool = True, fix_index: bool = False) -> ShardCheck:
+    """Check one shard; never raises for bad data, it is reported. ``fix_index`` rewrites a missing or stale index
+    from the tar's headers (not for a truncated tar: re-write that shard)."""
+    check = ShardCheck(path)
+    if path.stat().st_size == 0:
+        check.problems.append("the shard is empty (0 bytes); re-write it")
+        return check
+    try:
+        scanned = scan_tar(path)
+    except DataError as err:
+        check.problems.append(str(err))
+        return check
+    if scanned.truncated:
+        check.problems.append(f"the tar is truncated: {len(scanned.samples)} whole samples before the cut; re-write it")
+    idx = index_path_for(path)
+    if not idx.is_file():
+        index_problems = [f"no index '{idx.name}' (DALI and fast start need it); write it with --fix-index"]
+    else:
+        try:
+            index_problems = _compare_index(_parse_index(path, idx), scanned)
+        except DataError as err:
+            index_problems = [f"{err}; or rebuild it with --fix-index"]
+    if index_problems and fix_index and not scanned.truncated:
+        write_index(scanned, idx)
+    else:
+        check.problems.extend(index_problems)
+    for entry, data in iter_members(scanned):
+        check.samples += 1
+        check.problems.extend(_check_sample(entry.key, data, decode))
+    return check
+
+
+def verify_shards(spec: str, workers: int = 1, decode: bool = True, fix_index: bool = False) -> VerifyReport:
+    """Verify every shard named by ``spec`` (a directory, glob, brace range or list)."""
+    paths = expand_shards(spec, "shards verify")
+    n = len(paths)
+    if workers > 1 and n > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, n)) as pool:
+            checks = list(pool.map(verify_shard, paths, [decode] * n, [fix_index] * n))
+    else:
+        checks = [verify_shard(p, decode, fix_index) for p in paths]
+    return VerifyReport(checks)
