@@ -250,7 +250,8 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
                         elapsed = time.perf_counter() - window_start
                         record = {"step": step, "epoch": position / sampler.samples_per_epoch, "lr": lr,
                                   "img_per_s": window_samples / elapsed, "data_wait_s": data_wait,
-                                  "data_skipped": skipped_total, "nonfinite_steps": nonfinite_total}
+                                  "data_skipped": skipped_total, "data_shards_skipped": len(catalog.skipped_shards),
+                                  "nonfinite_steps": nonfinite_total}
                         record.update({k: float(v.detach()) for k, v in out.items()})
                         record.update(monitors)
                         record.update(online)

@@ -45,7 +45,7 @@ def test_brace_ranges_and_lists(tmp_path: Path) -> None:
 def test_empty_shard_is_skipped_with_a_warning_naming_it(tmp_path: Path) -> None:
     make_shards(tmp_path, [5])
     (tmp_path / "train-empty.tar").write_bytes(b"")
-    with pytest.warns(UserWarning, match=r"train-empty.tar' is empty"):
+    with pytest.warns(UserWarning, match=r"train-empty.tar' is skipped: it is empty \(0 bytes\)"):
         catalog = ShardCatalog.from_spec(str(tmp_path))
     assert len(catalog) == 5
 
@@ -57,8 +57,53 @@ def test_nothing_readable_is_an_error(tmp_path: Path) -> None:
         with pytest.raises(DataError, match="no readable samples"):
             ShardCatalog.from_spec(str(tmp_path))
     (tmp_path / "b.tar").write_bytes(b"this is not a tar file at all" * 40)
-    with pytest.raises(DataError, match=r"b.tar' is not a readable tar file"):
-        ShardCatalog.from_spec(str(tmp_path / "b.tar"))
+    with pytest.warns(UserWarning, match=r"b.tar' is skipped"):
+        with pytest.raises(DataError, match=r"no readable samples.*b.tar': it cannot be read .*not a readable tar file"):
+            ShardCatalog.from_spec(str(tmp_path / "b.tar"))
+
+
+def test_training_on_a_damaged_shard_set_skips_and_counts_every_case(tmp_path: Path) -> None:
+    """Every kind of damage in one shard set: the run finishes, metrics.jsonl counts what was lost."""
+    from conftest import png_bytes, tiny_config
+    from ssltrain.train import train
+
+    good = [{"__key__": f"g{i:03d}", "png": png_bytes(i, 16), "cls": i % 5} for i in range(40)]
+    bad = [
+        {"__key__": "corrupt", "jpg": b"\xff\xd8\xff\xe0 definitely not a jpeg", "cls": 1},
+        {"__key__": "zero", "png": b"", "cls": 1},
+        {"__key__": "noimage", "cls": 1},
+        {"__key__": "caption", "txt": b"a caption but no picture", "cls": 1},
+    ]
+    data = tmp_path / "data"
+    write_shards(good[:20] + bad, data / "a", "a")
+    write_shards(good[20:], data / "b", "b")
+    for p in [*(data / "a").iterdir(), *(data / "b").iterdir()]:
+        p.rename(data / p.name)
+    truncated = data / "b-000000.tar"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    (data / "empty.tar").write_bytes(b"")
+    (data / "garbage.tar").write_bytes(b"not a tar" * 200)
+    (data / "folder.tar").mkdir()  # matches *.tar but cannot be opened as a file
+    cfg = tiny_config(tmp_path, str(data), steps=6, **{"checkpoint.every": 6})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_dir = train(cfg)
+    import json
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = records[-1]
+    assert last["step"] == 6 and last["data_shards_skipped"] == 3
+    # Exactly the bad samples the stream reached: corrupt, zero-byte, no image, caption-only, and past the cut.
+    from ssltrain.data.loader import Skipped, read_decoded
+    from ssltrain.data.stream import GlobalBatchSampler
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        catalog = ShardCatalog.from_spec(str(data))
+    bad_ids = {i for i in range(len(catalog)) if isinstance(read_decoded(catalog, i), Skipped)}
+    assert len(bad_ids) >= 4 + 5  # the four bad members, and at least a quarter of the truncated shard
+    reached = [sid for batch in GlobalBatchSampler(len(catalog), 8, cfg.seed, end=48) for sid, _ in batch]
+    assert last["data_skipped"] == sum(sid in bad_ids for sid in reached) > 0
 
 
 def test_truncated_shard_with_its_index_skips_and_counts_the_lost_samples(tmp_path: Path) -> None:

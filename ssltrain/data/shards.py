@@ -182,22 +182,29 @@ def expand_shards(spec: str, what: str = "data.train") -> list[Path]:
     return paths
 
 
-def load_indices(paths: Iterable[Path]) -> list[ShardIndex]:
-    """Index every shard; empty shards are skipped with a warning naming them, truncated ones warned about."""
+def load_indices(paths: Iterable[Path], skipped: list[tuple[Path, str]] | None = None) -> list[ShardIndex]:
+    """Index every shard; a shard that is empty or cannot be read is skipped with a warning naming it (and appended
+    to ``skipped`` as ``(path, reason)``), a truncated one is kept for its intact samples and warned about."""
     indices = []
     for path in paths:
-        if path.stat().st_size == 0:
-            warnings.warn(f"shard '{path}' is empty (0 bytes) and is skipped; re-write it with `ssltrain shards`", stacklevel=2)
+        index: ShardIndex | None = None
+        try:
+            reason = "it is empty (0 bytes)" if path.stat().st_size == 0 else ""
+            index = None if reason else read_index(path)
+        except (OSError, DataError) as err:
+            reason = f"it cannot be read ({err.strerror if isinstance(err, OSError) else err})"
+        if index is not None and not index.samples:
+            reason = "it holds no samples"
+        if reason:
+            warnings.warn(f"shard '{path}' is skipped: {reason}; re-write it with `ssltrain shards`", stacklevel=2)
+            if skipped is not None:
+                skipped.append((path, reason))
             continue
-        index = read_index(path)
         if index.truncated:
             warnings.warn(
                 f"shard '{path}' is truncated: samples past its end are skipped and counted; re-write it with `ssltrain shards`",
                 stacklevel=2,
             )
-        if not index.samples:
-            warnings.warn(f"shard '{path}' holds no samples and is skipped", stacklevel=2)
-            continue
         indices.append(index)
     return indices
 

@@ -37,9 +37,12 @@ class ShardCatalog:
     has no shared file offset, so forked DataLoader workers can share descriptors safely.
     """
 
-    def __init__(self, indices: list[ShardIndex], spec: str = "") -> None:
+    def __init__(self, indices: list[ShardIndex], spec: str = "", skipped_shards: list[tuple[Path, str]] | None = None) -> None:
+        self.skipped_shards = skipped_shards or []  # (path, reason) of shards left out because they cannot be read
         if not indices:
-            raise DataError(f"no readable samples in shards '{spec}'; check them with `ssltrain shards` or re-write them")
+            why = "".join(f"; '{p}': {r}" for p, r in self.skipped_shards[:3])
+            raise DataError(f"no readable samples in shards '{spec}'{why}; check them with `ssltrain shards verify` "
+                            f"or re-write them")
         self.paths = [idx.path for idx in indices]
         self.spec = spec
         self.keys: list[str] = []
@@ -48,7 +51,9 @@ class ShardCatalog:
             for entry in idx.samples:
                 self.keys.append(entry.key)
                 shard.append(sid)
-                image = next((entry.components[e] for e in IMAGE_EXTS if e in entry.components), None)
+                # the sample's media: an image, or a video clip (`ssltrain shards video`, read by data/video.py)
+                image = next((entry.components[e] for e in (*IMAGE_EXTS, "mp4", "webm", "mkv")
+                              if e in entry.components), None)
                 img_off.append(image.offset if image else -1)
                 img_size.append(image.size if image else -1)
                 cls = entry.components.get("cls")
@@ -64,7 +69,8 @@ class ShardCatalog:
 
     @classmethod
     def from_spec(cls, spec: str, what: str = "data.train") -> "ShardCatalog":
-        return cls(load_indices(expand_shards(spec, what)), spec)
+        skipped: list[tuple[Path, str]] = []
+        return cls(load_indices(expand_shards(spec, what), skipped), spec, skipped)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -88,7 +94,10 @@ class ShardCatalog:
     def read(self, i: int) -> RawSample:
         sid = int(self.shard[i])
         path = self.paths[sid]
-        fd = self._fd(sid)
+        try:
+            fd = self._fd(sid)
+        except DataError as err:  # the shard was removed or its mount went away mid-run: skip, count, go on
+            return RawSample(self.keys[i], path, None, None, str(err))
         label = None
         if self.cls_size[i] >= 0:
             try:
