@@ -74,6 +74,7 @@ class DataConfig:
     loader: str = "torch"  # torch: CPU decode + augment in DataLoader workers | dali: DALI (GPU when there is one)
     modality: str = "image"  # image | video (shards of clips from `ssltrain shards video`)
     video: VideoConfig = field(default_factory=VideoConfig)
+    record_samples: bool = False  # write the sample keys of every step to RUN/samples/ (audit the data order)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ssltrain.checkpoint import CheckpointError, Checkpointer, load_training_state
 from ssltrain.config import Config, ConfigError, config_diff, from_yaml_text, to_dict, to_yaml
 from ssltrain.data.pipeline import build_train_loader
+from ssltrain.data.record import SampleRecord
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
 from ssltrain.distributed import agree, all_reduce_sum, barrier, init_distributed
 from ssltrain.eval.online_knn import OnlineKNN
@@ -154,6 +155,7 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
         rank=env.rank, world_size=env.world_size, shuffle=cfg.data.shuffle,
     )
     loader = build_train_loader(cfg, catalog, sampler, device)
+    sample_record = SampleRecord(run_dir, env.rank, catalog.keys) if cfg.data.record_samples else None
     wandb_run = WandbSettings(cfg.log.wandb_project, cfg.name, to_dict(cfg)) if cfg.log.wandb else None
     metrics = MetricsLog(run_dir, resume_step=start_step, tensorboard=cfg.log.tensorboard,
                          wandb=wandb_run) if is_main else None
@@ -192,6 +194,8 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
                     t0 = time.perf_counter()
                     views = next(batches)
                     data_wait += time.perf_counter() - t0
+                    if sample_record is not None:
+                        sample_record.write(step, micro, views.index)
                     for problem in views.skipped:
                         if data_skipped < 10:
                             log.warning("skipped sample %s", problem)
@@ -277,6 +281,8 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
         bar.close()
         if metrics is not None:
             metrics.close()
+        if sample_record is not None:
+            sample_record.close()
         del batches
     if data_skipped:
         log.warning("%d corrupt or unreadable samples were skipped on this rank (see metrics.jsonl: data_skipped)",

@@ -21,6 +21,7 @@ import torch
 from conftest import make_shards, tiny_config
 from ssltrain.checkpoint import Checkpointer, load_checkpoint, read_meta
 from ssltrain.config import Config, to_yaml
+from ssltrain.data.record import read_global_batches
 from ssltrain.metrics import read_metrics
 from ssltrain.train import train
 
@@ -30,7 +31,7 @@ VIT = {"model.backbone": "vit_tiny", "model.patch_size": 8, "data.batch_size": 1
        "method.projector": "[64]", "method.byol.predictor": "[64]",  # one Linear each: no BatchNorm
        # LARS, not AdamW: Adam turns reduction-order noise in a zero gradient (VICReg's projector bias) into
        # +-lr steps, so its runs agree only to ~lr; LARS agrees to ~1e-7.
-       "optim.name": "lars", "optim.lr": 0.5, "checkpoint.every": 3}
+       "optim.name": "lars", "optim.lr": 0.5, "checkpoint.every": 3, "data.record_samples": True}
 
 
 def free_port() -> int:
@@ -78,19 +79,23 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory, data: str) -> dict[str, dict[str, torch.Tensor]]:
+def single_runs(tmp_path_factory: pytest.TempPathFactory, data: str) -> dict[str, Path]:
     """The single-process reference runs every multi-process run is compared with."""
     tmp = tmp_path_factory.mktemp("single")
-    out = {}
-    for method in ("vicreg", "diet", "byol"):
-        out[method] = params(train(tiny_config(tmp / method, data, **{**VIT, "method.name": method})))
-    return out
+    return {method: train(tiny_config(tmp / method, data, **{**VIT, "method.name": method}))
+            for method in ("vicreg", "diet", "byol")}
+
+
+@pytest.fixture(scope="module")
+def single(single_runs: dict[str, Path]) -> dict[str, dict[str, torch.Tensor]]:
+    return {method: params(run_dir) for method, run_dir in single_runs.items()}
 
 
 @pytest.mark.parametrize("method,async_save", [("vicreg", True), ("diet", False)])
 def test_resume_on_other_world_sizes_equals_one_uninterrupted_process(
-        tmp_path: Path, data: str, single: dict, method: str, async_save: bool) -> None:
-    """4 ranks for 2 steps, 2 ranks for 2 more, 3 ranks to the end: the same parameters as one process.
+        tmp_path: Path, data: str, single: dict, single_runs: dict, method: str, async_save: bool) -> None:
+    """4 ranks for 2 steps, 2 ranks for 2 more, 3 ranks to the end: the same global batches, sample for sample,
+    and the same parameters as one process.
 
     DIET's N-way head is sharded by rows over the ranks, so this reshards it 4 -> 2 -> 3 through DCP.
     """
@@ -102,6 +107,9 @@ def test_resume_on_other_world_sizes_equals_one_uninterrupted_process(
     torchrun(config, 3)
     meta = read_meta(cfg.run_dir / "checkpoints/step-6")
     assert meta["world_size"] == 3 and meta["data_position"] == 6 * 12
+    resumed, uninterrupted = read_global_batches(cfg.run_dir), read_global_batches(single_runs[method])
+    assert sorted(resumed) == [(step, 0) for step in range(6)] and resumed == uninterrupted
+    assert len({k for keys in resumed.values() for k in keys}) == 60  # 6 x 12 positions: all 60, then 12 again
     assert_close(params(cfg.run_dir), single[method])
     assert [r["step"] for r in read_metrics(cfg.run_dir / "metrics.jsonl")] == list(range(1, 7))
 
