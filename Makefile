@@ -22,7 +22,9 @@ demo: install
 	$(BIN)/ssltrain train configs/demo.yaml
 	$(BIN)/ssltrain eval runs/demo
 
+# video_setup.sh installs Debian's ffmpeg when it is missing (the video tests decode real clips with it).
 test: install
+	bash tests/video_setup.sh
 	$(BIN)/python -m pytest -q tests
 
 clean:

@@ -55,11 +55,13 @@ def cmd_shards(args: argparse.Namespace) -> int | None:
         from ssltrain.data.video import write_video_shards
 
         start = time.perf_counter()
+        caps = {"shard_samples": size.samples} if size.samples else {"shard_samples": 1 << 62,
+                                                                         "max_shard_bytes": size.bytes}
         report = write_video_shards([Path(p) for p in args.inputs], out, args.prefix, fps=args.fps,
                                     short_side=args.short_side, clip_seconds=args.clip_seconds,
-                                    shard_samples=size.samples or 1000, workers=args.workers)
-        log.info("%s in %.1fs", report, time.perf_counter() - start)
-        return
+                                    workers=args.workers, **caps)
+        log.info("%s in %.1fs", report.summary(), time.perf_counter() - start)
+        return None
     from ssltrain.data import folders
     from ssltrain.data.ingest import ingest_folder
 

@@ -325,7 +325,7 @@ class Config:
 _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "precision": ("auto", "bf16", "fp32"),
-    "model.backbone": ("resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"),
+    "model.backbone": ("resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base", "r3d_18"),
     "method.name": ("vicreg", "vicreg_logdet", "vicreg_pairwise", "vcreg", "simclr", "barlow_twins", "diet", "cissl",
                     "dissl", "byol", "dino", "swav"),
     "method.vicreg_pairwise.distance": ("kl", "bhattacharyya"),
@@ -363,6 +363,10 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
 
 
 def _check(cfg: Config, source: str) -> None:
+    if cfg.data.modality == "video":
+        from ssltrain.data.video import check_video_config  # clips need a video backbone, frames an image one
+
+        check_video_config(cfg)
     for key, allowed in _CHOICES.items():
         value = _node_at(cfg, key)
         if value not in allowed:

@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 
-from ssltrain.config import Config
+from ssltrain.config import Config, ConfigError
 from ssltrain.data.augment import CPURenderer
 from ssltrain.data.loader import AugmentedShards, Views, make_loader
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
@@ -21,6 +21,9 @@ def build_train_loader(
     cfg: Config, catalog: ShardCatalog, sampler: GlobalBatchSampler, device: torch.device
 ) -> Iterable[Views]:
     """An iterable of this rank's batches, one per item of ``sampler``, in order."""
+    if cfg.data.modality == "image" and catalog.video_samples:
+        raise ConfigError(f"'{cfg.data.train}' holds {catalog.video_samples} video clips; train on them with "
+                          f"data.modality=video (and data.video.mode=frames for an image backbone)")
     if cfg.data.modality == "video":
         from ssltrain.data.video import build_video_loader
 

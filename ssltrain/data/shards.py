@@ -22,6 +22,7 @@ import webdataset as wds
 
 INDEX_VERSION = "v1.2"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
+VIDEO_EXTS = ("mp4", "webm", "mkv")  # clips written by `ssltrain shards video`
 
 
 class DataError(ValueError):

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ssltrain.data.shards import IMAGE_EXTS, DataError, ShardIndex, expand_shards, load_indices
+from ssltrain.data.shards import IMAGE_EXTS, VIDEO_EXTS, DataError, ShardIndex, expand_shards, load_indices
 
 
 @dataclass
@@ -47,13 +47,15 @@ class ShardCatalog:
         self.spec = spec
         self.keys: list[str] = []
         shard, img_off, img_size, cls_off, cls_size = [], [], [], [], []
+        self.video_samples = 0  # samples whose media is a video clip: training them needs data.modality=video
         for sid, idx in enumerate(indices):
             for entry in idx.samples:
                 self.keys.append(entry.key)
                 shard.append(sid)
                 # the sample's media: an image, or a video clip (`ssltrain shards video`, read by data/video.py)
-                image = next((entry.components[e] for e in (*IMAGE_EXTS, "mp4", "webm", "mkv")
-                              if e in entry.components), None)
+                ext = next((e for e in (*IMAGE_EXTS, *VIDEO_EXTS) if e in entry.components), None)
+                image = entry.components[ext] if ext else None
+                self.video_samples += ext in VIDEO_EXTS
                 img_off.append(image.offset if image else -1)
                 img_size.append(image.size if image else -1)
                 cls = entry.components.get("cls")

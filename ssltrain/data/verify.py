@@ -12,10 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ssltrain.data.loader import _DECODE_ERRORS, decode_image
-from ssltrain.data.shards import (IMAGE_EXTS, DataError, ShardIndex, _parse_index, expand_shards, index_path_for,
+from ssltrain.data.shards import (IMAGE_EXTS, VIDEO_EXTS, DataError, ShardIndex, _parse_index, expand_shards, index_path_for,
                                   iter_members, scan_tar, write_index)
-
-VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 
 
 @dataclass
@@ -67,6 +65,14 @@ def _check_sample(key: str, data: dict[str, bytes], decode: bool) -> list[str]:
             problems.append(f"{key}: image does not decode ({type(err).__name__}: {err})")
     elif videos and not data[videos[0]]:
         problems.append(f"{key}: video member is empty")
+    elif videos and decode:
+        from ssltrain.data.video import FFmpegError, decode_clip, probe
+
+        try:
+            info = probe(data[videos[0]])
+            decode_clip(data[videos[0]], info.width, info.height)
+        except FFmpegError as err:
+            problems.append(f"{key}: video does not decode ({err})")
     if "cls" in data:
         try:
             int(data["cls"].decode().strip())

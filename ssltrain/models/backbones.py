@@ -19,6 +19,11 @@ VITS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 1
 
 BACKBONES: tuple[str, ...] = (*RESNETS, *VITS)
 
+# Video backbones take clips [B, 3, T, H, W] (data.modality=video, data.video.mode=clips); kept apart from BACKBONES,
+# which take images. R3D-18 (Tran et al. 2018): 3D convolutions throughout, 512-d pooled features.
+VIDEO_RESNETS = {"r3d_18": models.video.r3d_18}
+VIDEO_BACKBONES: tuple[str, ...] = tuple(VIDEO_RESNETS)
+
 
 class ViT(VisionTransformer):
     """timm's ``VisionTransformer`` returning the final-normed CLS token, for inputs of any patch-divisible size.
@@ -109,7 +114,15 @@ def build_backbone(
             if value:
                 raise ValueError(f"{flag} applies to ResNets only, not to {name}")
         return _build_vit(name, patch_size, image_size, drop_path)
-    raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
+    if name in VIDEO_RESNETS:  # clips [B, 3, T, H, W]; any T, H, W (adaptive pooling)
+        for flag, value in (("small_stem", small_stem), ("drop_path", drop_path)):
+            if value:
+                raise ValueError(f"{flag} applies to image backbones only, not to {name}")
+        net = VIDEO_RESNETS[name](weights=None, zero_init_residual=zero_init_residual)
+        dim = net.fc.in_features
+        net.fc = nn.Identity()
+        return net, dim
+    raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join((*BACKBONES, *VIDEO_BACKBONES))}")
 
 
 __all__ = ["BACKBONES", "ViT", "build_backbone"]
