@@ -1,4 +1,4 @@
-"""``ssltrain`` command line: ``shards``, ``train``, ``eval``, ``report``, ``export``, ``launch``."""
+"""``ssltrain`` command line: ``shards``, ``train``, ``eval``, ``report``, ``export``, ``launch``, ``bench``."""
 
 from __future__ import annotations
 
@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ssltrain.launch.cli import register as register_launch
 
     register_launch(sub)
+
+    from ssltrain.profile import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -31,6 +31,8 @@ from ssltrain.metrics import CollapseWatch, MetricsLog, WandbSettings, require_w
 from ssltrain.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from ssltrain.parallel import convert_sync_batchnorm, wrap_model
 from ssltrain.preemption import StopRequest
+from ssltrain.profile import phase, profile_step, time_model_calls
+from ssltrain.speed import apply_speed
 
 log = logging.getLogger("ssltrain")
 
@@ -57,7 +59,8 @@ def _finite_grads(model: torch.nn.Module) -> bool:
              for p in model.parameters() if p.grad is not None]
     if not grads:
         return True
-    return bool(torch.isfinite(torch.stack([g.float().norm() for g in grads])).all())
+    norms = torch._foreach_norm(grads)  # multi-tensor: a few kernels, not one per parameter
+    return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
 
 
 def _finite_params(model: torch.nn.Module) -> bool:
@@ -120,6 +123,8 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
     model = build_method(cfg, num_samples=len(catalog)).to(device)
     if cfg.dist.sync_bn and cfg.dist.strategy == "ddp":
         model = convert_sync_batchnorm(model, device)
+    model = apply_speed(model, cfg, device)  # channels_last, torch.compile (train.*): before DDP/FSDP wrapping
+    time_model_calls(model)  # for `ssltrain bench --profile`: forward vs loss
     wrapped = wrap_model(model, cfg.dist.strategy, device, bf16_params=cfg.dist.fsdp_bf16_params)
     optimizer = build_optimizer(model, cfg.optim, global_batch, probe_lr=cfg.eval.online_linear_lr)
     peak_lr = scaled_lr(cfg.optim, global_batch)
@@ -185,6 +190,7 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
     try:
         with stop:
             while step < last_step:
+                profile_step()
                 lr = lr_at(step, cfg.steps, peak_lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
                 set_lr(optimizer, lr)
                 model.on_step_start(step, cfg.steps)  # schedules: teacher temperature, ...
@@ -192,7 +198,8 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
                 usable = True
                 for micro in range(accumulate):
                     t0 = time.perf_counter()
-                    views = next(batches)
+                    with phase("data"):
+                        views = next(batches)
                     data_wait += time.perf_counter() - t0
                     if sample_record is not None:
                         sample_record.write(step, micro, views.index)
@@ -207,22 +214,26 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
                         usable = False
                         break
                     with _grad_sync(wrapped, micro == accumulate - 1), autocast_for(device, cfg.precision):
-                        out = wrapped(views.to(device))
+                        with phase("forward"):
+                            out = wrapped(views.to(device))
                         loss = out["loss"]
                         if step in cfg.faults.inject_nonfinite_steps:
                             loss = loss * float("nan")
                         probe_loss = out.get("online_linear_loss", 0.0)  # trains the probe only (detached input)
-                        ((loss + probe_loss) / accumulate).backward()
+                        with phase("backward"):
+                            ((loss + probe_loss) / accumulate).backward()
                     window_samples += views.batch_size * env.world_size
                 if usable:
-                    finite = not agree(not (_finite_grads(model) and bool(torch.isfinite(loss.detach()))), device)
+                    with phase("optimizer"):
+                        finite = not agree(not (_finite_grads(model) and bool(torch.isfinite(loss.detach()))), device)
                     if finite:
                         nonfinite_run = 0
-                        model.before_optimizer_step(step)  # e.g. prototypes frozen for the first steps
-                        if cfg.optim.grad_clip > 0:
-                            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                        optimizer.step()
-                        model.on_step_end(step, cfg.steps)  # EMA teachers
+                        with phase("optimizer"):
+                            model.before_optimizer_step(step)  # e.g. prototypes frozen for the first steps
+                            if cfg.optim.grad_clip > 0:
+                                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                            optimizer.step()
+                            model.on_step_end(step, cfg.steps)  # EMA teachers
                     else:
                         nonfinite_total, nonfinite_run = nonfinite_total + 1, nonfinite_run + 1
                         optimizer.zero_grad(set_to_none=True)

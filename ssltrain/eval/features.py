@@ -246,6 +246,9 @@ def extract_features(
     model.eval()
     # channels_last + bf16 is the fast path for convolutions on tensor cores; ViTs ignore the memory format.
     channels_last = device.type == "cuda"
+    # A model that trains in channels_last (train.channels_last) stays so after an online kNN: restore its layout.
+    was_channels_last = any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+                            for p in model.parameters())
     if channels_last:
         model.to(memory_format=torch.channels_last)
     mine = ids[len(ids) * rank // world : len(ids) * (rank + 1) // world]
@@ -254,7 +257,7 @@ def extract_features(
                                         channels_last)
     finally:
         model.train(was_training)
-        if channels_last:
+        if channels_last and not was_channels_last:
             model.to(memory_format=torch.contiguous_format)
     if world > 1:
         dim = torch.tensor([x.shape[1] if x.shape[0] else -1], device=_comm_device(device))
