@@ -72,16 +72,25 @@ class IngestReport:
         return sorted(self.written + self.kept)
 
 
-def plan_shards(source: FolderSamples, out_dir: Path, prefix: str, size: ShardSize) -> list[PlannedShard]:
+def file_sizes(source: FolderSamples) -> list[int]:
+    """Each input file's size in bytes (-1: cannot be stat'ed; it will be skipped and counted when written)."""
+    sizes = []
+    for path, _ in source.files:
+        try:
+            sizes.append(path.stat().st_size)
+        except OSError:
+            sizes.append(-1)
+    return sizes
+
+
+def plan_shards(source: FolderSamples, sizes: list[int], out_dir: Path, prefix: str, size: ShardSize) -> list[PlannedShard]:
     """Cut the file list into shards in order: a new shard starts when the count or byte cap would be passed."""
     plans: list[PlannedShard] = []
     current: list[tuple[int, Path, int | None]] = []
     current_bytes = 0
-    for position, (path, label) in enumerate(source.files):
-        try:
-            nbytes = path.stat().st_size + TAR_MEMBER_OVERHEAD + (2 * TAR_MEMBER_OVERHEAD if label is not None else 0)
-        except OSError:
-            nbytes = TAR_MEMBER_OVERHEAD  # unreadable: it will be skipped and counted when written
+    for position, ((path, label), file_bytes) in enumerate(zip(source.files, sizes)):
+        nbytes = (file_bytes + TAR_MEMBER_OVERHEAD + (2 * TAR_MEMBER_OVERHEAD if label is not None else 0)
+                  if file_bytes >= 0 else TAR_MEMBER_OVERHEAD)  # unreadable: skipped and counted when written
         full = (size.samples is not None and len(current) >= size.samples) or (
             size.bytes is not None and current and current_bytes + nbytes > size.bytes)
         if full:
@@ -94,13 +103,9 @@ def plan_shards(source: FolderSamples, out_dir: Path, prefix: str, size: ShardSi
     return plans
 
 
-def _fingerprint(source: FolderSamples, size: ShardSize) -> str:
+def _fingerprint(source: FolderSamples, sizes: list[int], size: ShardSize) -> str:
     digest = hashlib.sha256(f"{size.samples}|{size.bytes}\n".encode())
-    for path, label in source.files:
-        try:
-            nbytes = path.stat().st_size
-        except OSError:
-            nbytes = -1
+    for (path, label), nbytes in zip(source.files, sizes):
         digest.update(f"{path.relative_to(source.root)}\t{nbytes}\t{label}\n".encode())
     return digest.hexdigest()
 
@@ -151,10 +156,11 @@ def _write_planned(plan: PlannedShard) -> tuple[Path, int, list[tuple[Path, str]
 
 def ingest_folder(source: FolderSamples, out_dir: Path, prefix: str, size: ShardSize, workers: int = 1) -> IngestReport:
     """Write the shards of ``source`` that are not finished yet, ``workers`` shards at a time."""
-    _check_plan(out_dir, prefix, _fingerprint(source, size), source.root)
+    sizes = file_sizes(source)  # one stat per file: the plan and its fingerprint both come from these
+    _check_plan(out_dir, prefix, _fingerprint(source, sizes, size), source.root)
     for stale in out_dir.glob(f".{prefix}-*.tar.tmp-*"):  # an interrupted run's partial shard
         stale.unlink(missing_ok=True)
-    plans = plan_shards(source, out_dir, prefix, size)
+    plans = plan_shards(source, sizes, out_dir, prefix, size)
     report = IngestReport()
     todo: list[PlannedShard] = []
     for plan in plans:
