@@ -45,6 +45,7 @@ from torchvision import transforms as T
 from ssltrain.config import Config
 from ssltrain.data.augment import CPURenderer, ViewRenderer
 from ssltrain.data.loader import _DECODE_ERRORS, AugmentedShards, Sample, Skipped, Views, make_loader
+from ssltrain.data.pipeline import build_cpu_loader
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog, sample_seed
 
 log = logging.getLogger(__name__)
@@ -501,11 +502,6 @@ def _error_summary(err: BaseException) -> str:
     return f"{where}: {cause}"[:300] if where else cause[:300]
 
 
-def _cpu_loader(cfg: Config, catalog: ShardCatalog, sampler: GlobalBatchSampler, device: torch.device) -> Iterable[Views]:
-    dataset = AugmentedShards(catalog, CPURenderer(cfg.augment), cfg.seed)
-    return make_loader(dataset, cfg.data.workers, pin_memory=device.type == "cuda", batch_sampler=sampler)
-
-
 def build_dali_loader(cfg: Config, catalog: ShardCatalog, sampler: GlobalBatchSampler,
                       device: torch.device) -> Iterable[Views]:
     """DALI on ``device`` (``mixed`` decode on a GPU, CPU mode otherwise), or the CPU loader when DALI cannot run."""
@@ -514,7 +510,7 @@ def build_dali_loader(cfg: Config, catalog: ShardCatalog, sampler: GlobalBatchSa
     except Exception as err:  # ImportError, or a broken install failing to load its libraries
         log.warning("data.loader=dali, but NVIDIA DALI cannot be imported (%s: %s): using the CPU loader instead. "
                     "Install DALI with `%s`, or set data.loader=torch.", type(err).__name__, err, INSTALL_HINT)
-        return _cpu_loader(cfg, catalog, sampler, device)
+        return build_cpu_loader(cfg, catalog, sampler, device)
     device_id = None
     if device.type == "cuda":
         device_id = device.index if device.index is not None else torch.cuda.current_device()
@@ -527,4 +523,4 @@ def build_dali_loader(cfg: Config, catalog: ShardCatalog, sampler: GlobalBatchSa
     except RuntimeError as err:
         log.warning("DALI cannot run on %s (%s): using the CPU loader instead. Check that the DALI wheel matches the "
                     "CUDA driver (`%s`), or set data.loader=torch.", device, _error_summary(err), INSTALL_HINT)
-        return _cpu_loader(cfg, catalog, sampler, device)
+        return build_cpu_loader(cfg, catalog, sampler, device)

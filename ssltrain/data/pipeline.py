@@ -32,5 +32,12 @@ def build_train_loader(
         from ssltrain.data.dali import build_dali_loader
 
         return build_dali_loader(cfg, catalog, sampler, device)
+    return build_cpu_loader(cfg, catalog, sampler, device)
+
+
+def build_cpu_loader(
+    cfg: Config, catalog: ShardCatalog, sampler: GlobalBatchSampler, device: torch.device
+) -> Iterable[Views]:
+    """The CPU image path (DataLoader workers, torchvision); also what ``data.loader=dali`` falls back to."""
     dataset = AugmentedShards(catalog, CPURenderer(cfg.augment), cfg.seed)
     return make_loader(dataset, cfg.data.workers, pin_memory=device.type == "cuda", batch_sampler=sampler)
