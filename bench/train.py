@@ -21,6 +21,8 @@ Rows per model (images/s counts source images, each giving all of its views, as 
   compile setting. What the backbone costs on its own: the SSL ceiling should be within 10% of it.
 - ``ceiling``: ssltrain's step (Method forward with heads and loss, backward, finite-gradient check, clipping,
   optimizer, EMA teacher) on synthetic views already on the device: the model ceiling.
+- ``deferred``: the ceiling with ``train.finite_check=deferred`` (the finite check on the device, no host sync per
+  step), where the recipe's optimizer can skip on the device (AdamW: the DINO row).
 - ``dali``: the same step fed by ``data.loader=dali`` from JPEG shards (GPU decode on a GPU; DALI's CPU mode
   without one). Reported as unavailable where DALI cannot run (the loader then falls back to the CPU path).
 - ``cpu``: the same step fed by the CPU pipeline (DataLoader workers, torchvision augmentation).
@@ -54,11 +56,12 @@ from ssltrain.data.loader import Views
 from ssltrain.data.pipeline import build_train_loader
 from ssltrain.data.shards import write_shards
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
+from ssltrain.guard import FiniteGuard, supports_device_skip
 from ssltrain.methods import build_method
 from ssltrain.models.backbones import build_backbone
 from ssltrain.optim import build_optimizer, scaled_lr, set_lr
 from ssltrain.speed import apply_speed, channels_last_wanted
-from ssltrain.train import _finite_grads, autocast_for, resolve_device
+from ssltrain.train import autocast_for, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"vicreg": ("configs/vicreg_resnet50_imagenet.yaml", 256), "dino": ("configs/dino_vit_small_imagenet.yaml", 64)}
@@ -119,6 +122,7 @@ class Trainee:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    guard: FiniteGuard
 
 
 def build_trainee(cfg: Config, device: torch.device) -> Trainee:
@@ -126,7 +130,7 @@ def build_trainee(cfg: Config, device: torch.device) -> Trainee:
     model = apply_speed(build_method(cfg, num_samples=1_281_167).to(device), cfg, device)
     optimizer = build_optimizer(model, cfg.optim, cfg.data.batch_size)
     set_lr(optimizer, scaled_lr(cfg.optim, cfg.data.batch_size))
-    return Trainee(model.train(), optimizer)
+    return Trainee(model.train(), optimizer, FiniteGuard(cfg.train.finite_check, optimizer, device))
 
 
 def ssltrain_run(cfg: Config, trainee: Trainee, device: torch.device, batches: Iterator[Views], steps: int,
@@ -145,12 +149,15 @@ def ssltrain_run(cfg: Config, trainee: Trainee, device: torch.device, batches: I
         with autocast_for(device, cfg.precision):
             out = model(views.to(device))
             out["loss"].backward()
-        if _finite_grads(model) and bool(torch.isfinite(out["loss"].detach())):
+
+        def update(gate: torch.Tensor | None) -> None:
             model.before_optimizer_step(step)
             if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, foreach=True)
             optimizer.step()
-            model.on_step_end(step, total)
+            model.on_step_end(step, total, gate)
+
+        trainee.guard.apply(out["loss"], model, update)
         images += views.batch_size
     _sync(device)
     return images / (time.perf_counter() - start)
@@ -240,6 +247,12 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, data:
     trainee = build_trainee(cfg, device)
     fixed = synthetic_views(cfg, batch, device)
     run("ceiling", lambda: ssltrain_run(cfg, trainee, device, iter(lambda: fixed, None), steps, warmup))
+    if supports_device_skip(trainee.optimizer):  # train.finite_check=deferred: no host sync in the step
+        deferred_cfg = load_config(ROOT / recipe, [*overrides, "train.finite_check=deferred"])
+        deferred = build_trainee(deferred_cfg, device)
+        run("deferred", lambda: ssltrain_run(deferred_cfg, deferred, device, iter(lambda: fixed, None), steps, warmup),
+            "ceiling with train.finite_check=deferred")
+        del deferred
 
     dali_cfg = load_config(ROOT / recipe, [*overrides, "data.loader=dali"])
     try:

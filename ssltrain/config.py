@@ -249,6 +249,9 @@ class TrainConfig:
     # auto: ResNets on CUDA. On CPU channels_last was 16-30% faster for ResNet-18 (2 cores) but changes the rounding
     # against the offline probes, which extract contiguous on CPU; true turns it on there.
     channels_last: str = "auto"  # auto | true | false
+    # step: the non-finite check reads the device every step (any optimizer) | deferred: the skip is decided on the
+    # device (torch's fused AdamW and the EMA teachers take the flag) and read at log steps: no per-step host sync
+    finite_check: str = "step"
 
 
 @dataclass
@@ -266,6 +269,9 @@ class DistConfig:
 
     strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per residual stage / transformer block)
     sync_bn: bool = False  # DDP: SyncBatchNorm over the global batch (CUDA only)
+    # auto: torch's SyncBatchNorm (a port of apex's Welford kernels; bench/syncbn.py compares them) | apex:
+    # apex.parallel.SyncBatchNorm (an error without apex) | native: torch's
+    sync_bn_impl: str = "auto"
     fsdp_bf16_params: bool = True  # FSDP: all-gather parameters in bf16 (not for models with BatchNorm)
     timeout_s: float = 600.0  # a collective waiting longer (a dead rank) fails with an error instead of hanging
 
@@ -349,7 +355,9 @@ _CHOICES = {
     "optim.impl": ("auto", "apex", "native"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune"),
     "train.channels_last": ("auto", "True", "False"),  # OmegaConf stores true/false given to a str key as True/False
+    "train.finite_check": ("step", "deferred"),
     "dist.strategy": ("ddp", "fsdp"),
+    "dist.sync_bn_impl": ("auto", "apex", "native"),
     "data.loader": ("torch", "dali"),
     "data.modality": ("image", "video"),
     "data.video.mode": ("clips", "frames"),

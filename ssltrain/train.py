@@ -26,6 +26,7 @@ from ssltrain.data.record import SampleRecord
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
 from ssltrain.distributed import agree, all_reduce_sum, barrier, init_distributed
 from ssltrain.eval.online_knn import OnlineKNN
+from ssltrain.guard import FiniteGuard
 from ssltrain.methods import build_method
 from ssltrain.metrics import CollapseWatch, MetricsLog, WandbSettings, require_wandb
 from ssltrain.optim import build_optimizer, lr_at, scaled_lr, set_lr
@@ -51,16 +52,6 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     if not use_bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def _finite_grads(model: torch.nn.Module) -> bool:
-    """Whether every local gradient is finite (FSDP shards and DIET rows included); combine across ranks with agree."""
-    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-             for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return True
-    norms = torch._foreach_norm(grads)  # multi-tensor: a few kernels, not one per parameter
-    return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
 
 
 def _finite_params(model: torch.nn.Module) -> bool:
@@ -122,12 +113,13 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
                           f"micro-batch is not divisible by the {env.world_size} ranks; change data.batch_size")
     model = build_method(cfg, num_samples=len(catalog)).to(device)
     if cfg.dist.sync_bn and cfg.dist.strategy == "ddp":
-        model = convert_sync_batchnorm(model, device)
+        model = convert_sync_batchnorm(model, device, cfg.dist.sync_bn_impl)
     model = apply_speed(model, cfg, device)  # channels_last, torch.compile (train.*): before DDP/FSDP wrapping
     time_model_calls(model)  # for `ssltrain bench --profile`: forward vs loss
     wrapped = wrap_model(model, cfg.dist.strategy, device, bf16_params=cfg.dist.fsdp_bf16_params)
     optimizer = build_optimizer(model, cfg.optim, global_batch, probe_lr=cfg.eval.online_linear_lr)
     peak_lr = scaled_lr(cfg.optim, global_batch)
+    guard = FiniteGuard(cfg.train.finite_check, optimizer, device)  # skips non-finite steps (ssltrain/guard.py)
 
     # --- resume from the latest complete checkpoint ---------------------------------------------------------------
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
@@ -137,6 +129,7 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
     if latest is not None:
         meta = load_training_state(latest, wrapped, optimizer)
         start_step, data_skipped = int(meta["step"]), int(meta["data_skipped"]) if is_main else 0
+        guard.load(int(meta.get("nonfinite_steps", 0)))
         if meta["data_position"] != start_step * global_batch:
             raise CheckpointError(
                 f"checkpoint '{latest}' was made with global batch {meta['data_position'] // max(start_step, 1)}, "
@@ -175,14 +168,13 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
         skipped_total = int(all_reduce_sum(torch.tensor(data_skipped)).item())
         checkpointer.save(at_step, wrapped, optimizer, {
             "step": at_step, "data_position": at_step * global_batch, "data_samples": len(catalog),
-            "data_skipped": skipped_total, "nonfinite_steps": nonfinite_total, "config": to_yaml(cfg)})
+            "data_skipped": skipped_total, "nonfinite_steps": guard.total, "config": to_yaml(cfg)})
 
     # --- the loop ------------------------------------------------------------------------------------------------
     model.train()
     step = start_step
     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
     lr, out = 0.0, {}
-    nonfinite_total, nonfinite_run = 0, 0
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and is_main), dynamic_ncols=True,
                unit="step")
     batches = iter(loader)
@@ -224,41 +216,43 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
                             ((loss + probe_loss) / accumulate).backward()
                     window_samples += views.batch_size * env.world_size
                 if usable:
+                    def update(gate: torch.Tensor | None) -> None:
+                        model.before_optimizer_step(step)  # e.g. prototypes frozen for the first steps
+                        if cfg.optim.grad_clip > 0:
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, foreach=True)
+                        optimizer.step()  # with a device-side skip flag in deferred mode (ssltrain/guard.py)
+                        model.on_step_end(step, cfg.steps, gate)  # EMA teachers
+
                     with phase("optimizer"):
-                        finite = not agree(not (_finite_grads(model) and bool(torch.isfinite(loss.detach()))), device)
-                    if finite:
-                        nonfinite_run = 0
-                        with phase("optimizer"):
-                            model.before_optimizer_step(step)  # e.g. prototypes frozen for the first steps
-                            if cfg.optim.grad_clip > 0:
-                                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                            optimizer.step()
-                            model.on_step_end(step, cfg.steps)  # EMA teachers
-                    else:
-                        nonfinite_total, nonfinite_run = nonfinite_total + 1, nonfinite_run + 1
-                        optimizer.zero_grad(set_to_none=True)
-                        log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step,
-                                    nonfinite_run)
-                        if nonfinite_run >= cfg.faults.nonfinite_patience:
-                            reload_from = checkpointer.latest()
-                            if reload_from is None:
-                                raise RuntimeError(f"{nonfinite_run} non-finite steps in a row and no checkpoint to "
-                                                   "reload; lower optim.lr or raise optim.warmup_steps")
-                            log.warning("step %d: %d non-finite steps in a row; reloading the weights of %s and "
-                                        "continuing with the data from here", step, nonfinite_run, reload_from)
-                            load_training_state(reload_from, wrapped, optimizer)
-                            nonfinite_run = 0
+                        guard.apply(loss, model, update)
                 step += 1
                 position = step * global_batch
+                knn_due = online_knn is not None and online_knn.due(step)
+                log_due = step % cfg.log_every == 0 or step == last_step or knn_due
+
+                if cfg.train.finite_check == "step" or log_due:  # deferred: the host reads the flags at log steps
+                    report = guard.check()
+                    if report.new:
+                        log.warning("step %d: non-finite loss or gradient, update skipped (%d in all%s)", step - 1,
+                                    report.total, "" if cfg.train.finite_check == "step" else
+                                    f"; {report.new} of the steps since the last log step")
+                    if report.longest_run >= cfg.faults.nonfinite_patience:
+                        reload_from = checkpointer.latest()
+                        if reload_from is None:
+                            raise RuntimeError(f"{report.longest_run} non-finite steps in a row and no checkpoint to "
+                                               "reload; lower optim.lr or raise optim.warmup_steps")
+                        log.warning("step %d: %d non-finite steps in a row; reloading the weights of %s and "
+                                    "continuing with the data from here", step - 1, report.longest_run, reload_from)
+                        load_training_state(reload_from, wrapped, optimizer)
+                        guard.reset_run()
 
                 online: dict[str, float] = {}  # rank 0's online kNN figures
-                knn_due = online_knn is not None and online_knn.due(step)
                 if knn_due:  # collective: every rank extracts its share of the features
                     knn_start = time.perf_counter()
                     online = online_knn.measure(model, wrapped, is_main)
                     window_start += time.perf_counter() - knn_start  # img_per_s counts training time only
 
-                if step % cfg.log_every == 0 or step == last_step or knn_due:
+                if log_due:
                     monitors = model.monitors()  # embedding std, RankMe, LogDet entropy of this rank's batch
                     skipped_total = int(all_reduce_sum(torch.tensor(data_skipped)).item())
                     if metrics is not None:
@@ -266,7 +260,7 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
                         record = {"step": step, "epoch": position / sampler.samples_per_epoch, "lr": lr,
                                   "img_per_s": window_samples / elapsed, "data_wait_s": data_wait,
                                   "data_skipped": skipped_total, "data_shards_skipped": len(catalog.skipped_shards),
-                                  "nonfinite_steps": nonfinite_total}
+                                  "nonfinite_steps": guard.total}
                         record.update({k: float(v.detach()) for k, v in out.items()})
                         record.update(monitors)
                         record.update(online)

@@ -33,13 +33,22 @@ def cosine_momentum(base: float, step: int, total_steps: int) -> float:
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """``teacher <- momentum * teacher + (1 - momentum) * student`` for parameters; buffers are copied."""
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, gate: Tensor | None = None) -> None:
+    """``teacher <- momentum * teacher + (1 - momentum) * student`` for parameters; buffers are copied.
+
+    ``gate`` (a 0-d tensor, 1 or 0; see ssltrain/guard.py) decides on the device whether the update happens at all.
+    """
     t_params = [p for p in teacher.parameters()]
     s_params = [p.detach() for p in student.parameters()]
-    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+    if gate is None:
+        torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+        for t, s in zip(teacher.buffers(), student.buffers()):
+            t.copy_(s)
+        return
+    torch._foreach_lerp_(t_params, s_params, (1.0 - momentum) * gate.to(t_params[0].device))
+    keep = gate.to(dtype=torch.bool)
     for t, s in zip(teacher.buffers(), student.buffers()):
-        t.copy_(s)
+        t.copy_(torch.where(keep.to(t.device), s, t))
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -55,7 +64,7 @@ class Method(nn.Module):
 
     The loop calls, per step: ``on_step_start(step, total)`` (schedules), ``forward``, backward,
     ``before_optimizer_step(step)`` (gradient surgery such as frozen prototypes), the optimizer, then
-    ``on_step_end(step, total)`` (EMA teachers). Everything these depend on is a function of the step or lives
+    ``on_step_end(step, total, gate)`` (EMA teachers). Everything these depend on is a function of the step or lives
     in the state dict, so a resumed run continues exactly.
     """
 
@@ -112,8 +121,8 @@ class Method(nn.Module):
     def before_optimizer_step(self, step: int) -> None:
         """Adjust gradients after backward (e.g. keep some parameters frozen for the first steps)."""
 
-    def on_step_end(self, step: int, total_steps: int) -> None:
-        """Update EMA teachers after the optimizer step."""
+    def on_step_end(self, step: int, total_steps: int, gate: Tensor | None = None) -> None:
+        """Update EMA teachers after the optimizer step (on the device only where ``gate`` is 1, when given)."""
 
     def forward(self, views: Views) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -38,7 +38,7 @@ class BYOL(Method):
         terms = [byol_loss(p[v], t[g]) for g in range(num_global) for v in range(len(p)) if v != g]
         return {"loss": torch.stack(terms).mean()}
 
-    def on_step_end(self, step: int, total_steps: int) -> None:
+    def on_step_end(self, step: int, total_steps: int, gate: Tensor | None = None) -> None:
         momentum = cosine_momentum(self.cfg.momentum, step, total_steps)
-        ema_update(self.teacher_backbone, self.backbone, momentum)
-        ema_update(self.teacher_projector, self.projector, momentum)
+        ema_update(self.teacher_backbone, self.backbone, momentum, gate)
+        ema_update(self.teacher_projector, self.projector, momentum, gate)

@@ -62,7 +62,7 @@ class DINO(Method):
             for p in self.head.last_layer.parameters():
                 p.grad = None
 
-    def on_step_end(self, step: int, total_steps: int) -> None:
+    def on_step_end(self, step: int, total_steps: int, gate: Tensor | None = None) -> None:
         momentum = cosine_momentum(self.cfg.momentum, step, total_steps)
-        ema_update(self.teacher_backbone, self.backbone, momentum)
-        ema_update(self.teacher_head, self.head, momentum)
+        ema_update(self.teacher_backbone, self.backbone, momentum, gate)
+        ema_update(self.teacher_head, self.head, momentum, gate)

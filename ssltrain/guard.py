@@ -1,0 +1,132 @@
+"""The non-finite guard: a step whose loss or gradients are not finite (on any rank) makes no update anywhere.
+
+``train.finite_check`` says where the decision is taken:
+
+- ``step``: on the host, every step. The flag is read back before the optimizer runs, so every optimizer (LARS,
+  LAMB, apex's) is simply not called. The read-back waits for the GPU to finish the backward, draining the queue
+  between steps: the host then launches the next step's first kernels while the GPU idles.
+- ``deferred``: on the device. The flag stays a tensor (combined across ranks by an all-reduce that the host does not
+  wait for) and the update is made conditional on it where it is applied: torch's fused AdamW takes it as
+  ``found_inf`` (the kernel leaves weights, moments and step count alone, as ``GradScaler`` uses it), and the EMA
+  teachers move by ``(1 - momentum) * (1 - flag)``. The host reads the counts only at log steps, so a step has no
+  host synchronisation of its own (the shape CUDA graphs and a deep launch queue need). The updates are the same as
+  with ``step``; tests/test_guard.py checks it. Only optimizers that can skip on the device qualify.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ssltrain.config import ConfigError
+from ssltrain.distributed import agree, is_distributed
+
+
+def _local_grads(model: nn.Module) -> list[Tensor]:
+    """Every local gradient (FSDP shards as their local part, DIET rows included)."""
+    return [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            for p in model.parameters() if p.grad is not None]
+
+
+def nonfinite_flag(loss: Tensor, model: nn.Module) -> Tensor:
+    """1.0 where the loss or any local gradient is not finite, else 0.0: a 0-d float32 tensor on the loss's device.
+
+    ``_foreach_norm`` is a few multi-tensor kernels (a norm is not finite iff an element is not)."""
+    bad = ~torch.isfinite(loss.detach().float())
+    grads = _local_grads(model)
+    if grads:
+        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+        bad = bad | ~torch.isfinite(norms).all()
+    return bad.float()
+
+
+def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` honours a ``found_inf`` tensor (torch's fused Adam/AdamW/SGD)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+@dataclass
+class GuardReport:
+    """What the host learns at a check: non-finite steps in all, since the last check, and the longest run of them
+    in a row seen since the last check (the patience test: reload the last checkpoint when it is long enough)."""
+
+    total: int
+    new: int
+    longest_run: int
+
+
+class FiniteGuard:
+    """Applies an update only when the step is finite on every rank; counts the skipped steps.
+
+    ``apply(loss, model, update)`` runs ``update(gate)``: the optimizer step and EMA teachers. ``gate`` is None
+    when the host decided (the update is skipped by not calling it) or a 0-d tensor, 1 to keep and 0 to skip,
+    that the update must honour on the device. ``check()`` returns the counts (a host read in deferred mode).
+    """
+
+    def __init__(self, mode: str, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        if mode == "deferred" and not supports_device_skip(optimizer):
+            raise ConfigError(
+                f"train.finite_check=deferred needs an optimizer that can skip a step on the device; "
+                f"{type(optimizer).__name__} cannot. Use optim.name=adamw with optim.impl=native (torch's fused "
+                f"AdamW), or train.finite_check=step")
+        self.mode, self.optimizer = mode, optimizer
+        self._total, self._reported = 0, 0
+        self._run, self._longest = 0, 0
+        if mode == "deferred":  # device-side counters: total, current run, longest run since the last check
+            self._counts = torch.zeros(3, device=device)
+
+    def apply(self, loss: Tensor, model: nn.Module, update: Callable[[Tensor | None], None]) -> bool | None:
+        """Run the update unless the step is not finite; returns whether it ran (None in deferred mode: unknown)."""
+        flag = nonfinite_flag(loss, model)
+        if self.mode == "step":
+            if agree(bool(flag.item() > 0), loss.device):
+                self._total, self._run = self._total + 1, self._run + 1
+                self._longest = max(self._longest, self._run)
+                return False
+            self._run = 0
+            update(None)
+            return True
+        if is_distributed():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # queued on the device; the host goes on
+        flag = flag.to(self._counts.device)
+        total, run, longest = self._counts.unbind()
+        run_now = (run + flag) * flag  # consecutive non-finite steps, 0 after a finite one
+        self._counts.copy_(torch.stack([total + flag, run_now, torch.maximum(longest, run_now)]))
+        self.optimizer.found_inf = flag
+        try:
+            update(1.0 - flag)
+        finally:
+            del self.optimizer.found_inf
+        return None
+
+    def check(self) -> GuardReport:
+        """The counts so far. In deferred mode this reads the device (a sync): call it at log steps."""
+        if self.mode == "deferred":
+            total, run, longest = (int(v) for v in self._counts.tolist())
+            self._total, self._run = total, run
+            self._longest = longest
+            self._counts[2] = self._counts[1]  # the next window's longest run starts from the current one
+        report = GuardReport(self._total, self._total - self._reported, self._longest)
+        self._reported, self._longest = self._total, self._run
+        return report
+
+    def reset_run(self) -> None:
+        """Forget the current run of non-finite steps (after the weights were reloaded)."""
+        self._run = self._longest = 0
+        if self.mode == "deferred":
+            self._counts[1:] = 0
+
+    @property
+    def total(self) -> int:
+        """Non-finite steps so far (a device read in deferred mode, without consuming a check's report)."""
+        return int(self._counts[0].item()) if self.mode == "deferred" else self._total
+
+    def load(self, total: int) -> None:
+        """Start the count of skipped steps from a checkpoint's."""
+        self._total = self._reported = total
+        if self.mode == "deferred":
+            self._counts[0] = total

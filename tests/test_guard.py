@@ -1,0 +1,186 @@
+"""The non-finite guard (ssltrain/guard.py): deferred (device-side) skips make the same updates as host-side ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from conftest import make_shards, tiny_config
+from ssltrain.checkpoint import load_checkpoint
+from ssltrain.config import ConfigError
+from ssltrain.guard import FiniteGuard, nonfinite_flag
+from ssltrain.methods.base import ema_update, frozen_copy
+from ssltrain.train import train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("guard_shards")
+    make_shards(out, [24, 24])
+    return str(out / "train-*.tar")
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+
+
+def _backward(model: nn.Module, poison: bool) -> torch.Tensor:
+    x = torch.randn(6, 4)
+    loss = model(x).square().mean()
+    if poison:
+        loss = loss * float("nan")
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("mode", ["step", "deferred"])
+def test_skipped_step_leaves_weights_optimizer_and_teacher_alone(mode: str) -> None:
+    model = _model()
+    teacher = frozen_copy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    guard = FiniteGuard(mode, optimizer, torch.device("cpu"))
+
+    def update(gate: torch.Tensor | None) -> None:
+        optimizer.step()
+        ema_update(teacher, model, 0.9, gate)
+
+    for poison in (False, True, True, False):
+        # The student's BN running statistics move in every forward; its parameters and the teacher must not.
+        before = [t.detach().clone() for t in (*model.parameters(), *teacher.state_dict().values())]
+        optimizer_before = {k: v.clone() for k, v in optimizer.state[model[0].weight].items()}
+        optimizer.zero_grad(set_to_none=True)
+        guard.apply(_backward(model, poison), model, update)
+        after = [*model.parameters(), *teacher.state_dict().values()]
+        if poison:
+            assert all(torch.equal(a, b) for a, b in zip(before, after))
+            assert all(torch.equal(v, optimizer.state[model[0].weight][k]) for k, v in optimizer_before.items())
+        else:
+            assert not torch.equal(before[0], after[0])
+    report = guard.check()
+    assert (report.total, report.new) == (2, 2) and guard.total == 2
+    assert float(optimizer.state[model[0].weight]["step"]) == 2  # the skipped steps did not count
+
+
+def test_deferred_updates_equal_host_decided_updates() -> None:
+    """Same weights, moments, teacher and BN buffers after a mix of finite and non-finite steps."""
+    results = []
+    for mode in ("step", "deferred"):
+        model = _model()
+        teacher = frozen_copy(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+        guard = FiniteGuard(mode, optimizer, torch.device("cpu"))
+        torch.manual_seed(1)
+        for poison in (False, True, False, True, True, False):
+            optimizer.zero_grad(set_to_none=True)
+            guard.apply(_backward(model, poison), model,
+                        lambda gate: (optimizer.step(), ema_update(teacher, model, 0.8, gate)))
+        results.append([*model.state_dict().values(), *teacher.state_dict().values(),
+                        *optimizer.state[model[2].weight].values()])
+        assert guard.check().longest_run == 2
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_nonfinite_flag_sees_loss_and_gradients() -> None:
+    model = _model()
+    loss = _backward(model, poison=False)
+    assert float(nonfinite_flag(loss, model)) == 0.0
+    model[0].weight.grad[0, 0] = float("inf")
+    assert float(nonfinite_flag(loss, model)) == 1.0
+    model.zero_grad()
+    assert float(nonfinite_flag(torch.tensor(float("nan")), model)) == 1.0
+
+
+def test_deferred_needs_an_optimizer_that_skips_on_the_device() -> None:
+    from ssltrain.optim import LARS
+
+    model = _model()
+    with pytest.raises(ConfigError, match="optim.name=adamw with optim.impl=native"):
+        FiniteGuard("deferred", LARS(model.parameters(), lr=0.1), torch.device("cpu"))
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_training_with_deferred_check_equals_host_check(tmp_path: Path, data: str,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """BYOL (an EMA teacher) with NaN steps 2, 4, 5 and patience 2: the same skips, reload and final weights."""
+    runs = {}
+    for mode in ("step", "deferred"):
+        cfg = tiny_config(tmp_path / mode, data, **{
+            "steps": 8, "method.name": "byol", "method.byol.predictor": "[64,64]", "faults.nonfinite_patience": 2,
+            "faults.inject_nonfinite_steps": "[2,4,5]", "train.finite_check": mode})
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ssltrain"):
+            runs[mode] = train(cfg)
+        assert caplog.text.count("update skipped") == 3
+        assert "step 5: 2 non-finite steps in a row; reloading the weights of" in caplog.text
+        assert [r["nonfinite_steps"] for r in _read(runs[mode] / "metrics.jsonl")] == [0, 0, 1, 1, 2, 3, 3, 3]
+    step_state = load_checkpoint(runs["step"] / "checkpoints/step-8")["model"]
+    deferred_state = load_checkpoint(runs["deferred"] / "checkpoints/step-8")["model"]
+    assert step_state.keys() == deferred_state.keys()
+    for key in step_state:
+        torch.testing.assert_close(deferred_state[key], step_state[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_deferred_check_reports_at_log_steps_and_keeps_patience(tmp_path: Path, data: str,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """With log_every 3 the host learns of steps 3 and 4 at step 6; their run of 2 still triggers the reload."""
+    cfg = tiny_config(tmp_path, data, **{"steps": 9, "log_every": 3, "faults.nonfinite_patience": 2,
+                                         "faults.inject_nonfinite_steps": "[3,4]", "train.finite_check": "deferred"})
+    with caplog.at_level("WARNING", logger="ssltrain"):
+        run = train(cfg)
+    assert "update skipped (2 in all; 2 of the steps since the last log step)" in caplog.text
+    assert "step 5: 2 non-finite steps in a row; reloading the weights of" in caplog.text
+    assert [r["nonfinite_steps"] for r in _read(run / "metrics.jsonl")] == [0, 2, 2]
+
+
+def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _model()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+        guard = FiniteGuard("deferred", optimizer, torch.device("cpu"))
+        before = model[0].weight.detach().clone()
+        guard.apply(_backward(model, poison=rank == 1), model, lambda gate: optimizer.step())  # NaN on rank 1 only
+        moved = not torch.equal(before, model[0].weight)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"moved": moved, "total": guard.total}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_deferred_skip_is_agreed_by_every_rank(tmp_path: Path) -> None:
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results == [{"moved": False, "total": 1}] * 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_deferred_step_does_not_synchronise_the_host() -> None:
+    """The claim behind train.finite_check=deferred: flag, all of AdamW's update and the EMA teacher without a sync."""
+    device = torch.device("cuda")
+    model = _model().to(device)
+    teacher = frozen_copy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    guard = FiniteGuard("deferred", optimizer, device)
+    x = torch.randn(6, 4, device=device)
+    for poison in (False, True, False):
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(x).square().mean() * (float("nan") if poison else 1.0)
+        loss.backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            guard.apply(loss, model, lambda gate: (optimizer.step(), ema_update(teacher, model, 0.9, gate)))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert guard.check().total == 1
