@@ -44,17 +44,52 @@ def _has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+APEX_SYNC_BN_MISSING = (
+    "dist.sync_bn_impl=apex, but apex.parallel.SyncBatchNorm cannot be imported with its CUDA extension "
+    "(syncbn). It ships in the NGC PyTorch containers (the Dockerfile builds on one; see docs/docker.md). Or set "
+    "dist.sync_bn_impl=native: torch's SyncBatchNorm computes the same statistics.")
+
+
+def _apex_parallel():
+    """``apex.parallel`` with its compiled ``syncbn`` extension, or None."""
+    try:
+        import apex.parallel as apex_parallel  # type: ignore[import-not-found]
+        import syncbn  # noqa: F401  # type: ignore[import-not-found]  (apex's optimized kernels)
+    except ImportError:
+        return None
+    return apex_parallel
+
+
+def resolve_sync_bn_impl(impl: str) -> str:
+    """'apex' or 'native' for ``dist.sync_bn_impl``; ``apex`` where apex cannot run is a ConfigError.
+
+    ``auto`` is torch's: its SyncBatchNorm is the port of apex's Welford kernels, keeps channels_last inputs in
+    NHWC, and is maintained with torch; apex's is chosen only when asked for (run bench/syncbn.py on the cluster to
+    decide).
+    """
+    if impl == "apex":
+        if _apex_parallel() is None:
+            from ssltrain.config import ConfigError
+
+            raise ConfigError(APEX_SYNC_BN_MISSING)
+        return "apex"
+    return "native"
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device, impl: str = "auto") -> nn.Module:
     """SyncBatchNorm over all ranks: batch statistics of the global batch, as a single process would compute.
 
-    Must run before the optimizer is built (it replaces modules, keeping their parameters). PyTorch's
-    SyncBatchNorm runs on GPUs only: on CPU the request is refused with a warning rather than failing the run.
+    Must run before the optimizer is built (it replaces modules, keeping their parameters). Both implementations
+    run on GPUs only: on CPU the request is refused with a warning rather than failing the run.
     """
+    chosen = resolve_sync_bn_impl(impl)  # apex asked for and missing fails everywhere, not only on the cluster
     if not is_distributed():
         return model
     if device.type != "cuda":
-        log.warning("dist.sync_bn=true ignored: PyTorch's SyncBatchNorm needs CUDA (each rank normalises its own batch)")
+        log.warning("dist.sync_bn=true ignored: SyncBatchNorm needs CUDA (each rank normalises its own batch)")
         return model
+    if chosen == "apex":
+        return _apex_parallel().convert_syncbn_model(model)
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 

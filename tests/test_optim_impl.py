@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from conftest import tiny_config
-from ssltrain.config import ConfigError, OptimConfig
+from ssltrain.config import ConfigError, OptimConfig, load_config
 from ssltrain.optim import LAMB, LARS, _apex_optimizers, build_optimizer, set_lr
+from ssltrain.parallel import _apex_parallel, convert_sync_batchnorm, resolve_sync_bn_impl
 from ssltrain.train import train
 
 STEPS = 5
@@ -233,3 +234,21 @@ def test_apex_on_cuda_matches_native(name: str) -> None:
         return [p.detach().double().cpu() for p in net.parameters()]
 
     assert_same(trained("apex"), trained("native"), rtol=2e-5)
+
+
+@pytest.mark.skipif(_apex_parallel() is not None, reason="apex is installed here")
+def test_sync_bn_impl_apex_without_apex_says_where_to_get_it() -> None:
+    with pytest.raises(ConfigError, match=r"apex\.parallel\.SyncBatchNorm cannot be imported.*sync_bn_impl=native"):
+        convert_sync_batchnorm(model(), torch.device("cpu"), "apex")
+
+
+@pytest.mark.parametrize("impl", ["auto", "native"])
+def test_sync_bn_auto_and_native_are_torchs(impl: str) -> None:
+    assert resolve_sync_bn_impl(impl) == "native"
+    net = model()
+    assert convert_sync_batchnorm(net, torch.device("cpu"), impl) is net  # one process: nothing to synchronise
+
+
+def test_sync_bn_impl_is_checked_in_the_config() -> None:
+    with pytest.raises(ConfigError, match="dist.sync_bn_impl"):
+        load_config(None, ["data.train=x-*.tar", "dist.sync_bn_impl=fast"])
