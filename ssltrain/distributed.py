@@ -218,8 +218,17 @@ def read_env(environ: dict[str, str] | None = None) -> DistEnv:
     return DistEnv()
 
 
+def backend_for(device: torch.device) -> str:
+    """NCCL for CUDA tensors plus gloo for CPU ones on GPUs, gloo alone on CPUs.
+
+    The host-side collectives (``agree``: stop, skip and reload decisions; the skipped-sample counts) use CPU tensors
+    on every rank: through gloo they neither fail (NCCL refuses CPU tensors) nor wait for the GPU's queue to drain.
+    """
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_distributed(device: torch.device, timeout_s: float = 600.0) -> DistEnv:
-    """Join the job's process group (NCCL on GPU, gloo on CPU); a no-op for a single process.
+    """Join the job's process group (NCCL and gloo on GPU, gloo on CPU; see ``backend_for``); a no-op for one process.
 
     ``timeout_s`` bounds every collective: a rank that died makes the others fail with an error after at most
     that long instead of hanging the job until its wall-clock limit.
@@ -229,7 +238,7 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> DistEnv:
         return env
     if device.type == "cuda":
         torch.cuda.set_device(env.local_rank)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = backend_for(device)
     # torchrun's agent already serves a store at MASTER_ADDR:MASTER_PORT (env:// reuses it); under Slurm, rank 0
     # opens one there.
     init_method = "env://" if env.source == "torchrun" else f"tcp://{env.master_addr}:{env.master_port}"
@@ -267,10 +276,13 @@ def broadcast_buffers(module: nn.Module) -> None:
                 dist.broadcast(buffer, src=0)
 
 
-def agree(flag: bool, device: torch.device | None = None) -> bool:
-    """True on every rank when it is true on any: decisions (stop, reload) that all ranks must take together."""
+def agree(flag: bool) -> bool:
+    """True on every rank when it is true on any: decisions (stop, reload) that all ranks must take together.
+
+    A CPU tensor over gloo (``backend_for``): no GPU synchronisation.
+    """
     if not is_distributed():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    t = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)

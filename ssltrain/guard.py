@@ -83,7 +83,7 @@ class FiniteGuard:
         """Run the update unless the step is not finite; returns whether it ran (None in deferred mode: unknown)."""
         flag = nonfinite_flag(loss, model)
         if self.mode == "step":
-            if agree(bool(flag.item() > 0), loss.device):
+            if agree(bool(flag.item() > 0)):
                 self._total, self._run = self._total + 1, self._run + 1
                 self._longest = max(self._longest, self._run)
                 return False

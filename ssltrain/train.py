@@ -201,7 +201,7 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
                         data_skipped += 1
                     # Every rank must take part in every backward (DDP, FSDP and the gathers are collective), so
                     # a micro-batch too small on any rank skips the step on all of them.
-                    if agree(views.batch_size < 2, device):
+                    if agree(views.batch_size < 2):
                         log.warning("step %d: a batch had fewer than 2 usable samples, step skipped", step)
                         usable = False
                         break
@@ -271,7 +271,7 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
                     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
                 bar.update(1)
 
-                preempted = agree(stop.received is not None, device)
+                preempted = agree(stop.received is not None)
                 if step % cfg.checkpoint.every == 0 or step == last_step or preempted:
                     save(step)
                 if preempted:

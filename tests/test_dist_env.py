@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ssltrain.distributed import DistEnv, _first_slurm_host, read_env
+import torch
+
+from ssltrain.distributed import DistEnv, _first_slurm_host, backend_for, read_env
 
 
 def test_torchrun_variables_win_over_slurm() -> None:
@@ -27,3 +29,12 @@ def test_a_single_slurm_task_or_no_launcher_is_a_single_process() -> None:
 def test_node_list_parsing_without_scontrol() -> None:
     assert _first_slurm_host("node[01-04],gpu7") in ("node01",)
     assert _first_slurm_host("a1,a2") == "a1"
+
+
+def test_gpu_jobs_get_gloo_beside_nccl_for_host_side_collectives() -> None:
+    """agree() and the skipped-sample counts reduce CPU tensors: NCCL alone refuses them (checked on GPUs only)."""
+    from torch.distributed.distributed_c10d import Backend, BackendConfig
+
+    assert backend_for(torch.device("cpu")) == "gloo"
+    mapping = BackendConfig(Backend(backend_for(torch.device("cuda", 0)))).get_device_backend_map()
+    assert mapping == {"cpu": "gloo", "cuda": "nccl"}

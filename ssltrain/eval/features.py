@@ -138,7 +138,7 @@ def _save_cached(path: Path, fs: FeatureSet, meta: dict[str, Any]) -> None:
 
 
 def _comm_device(device: torch.device) -> torch.device:
-    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+    return device if "nccl" in str(dist.get_backend()) else torch.device("cpu")  # "cpu:gloo,cuda:nccl" on GPUs
 
 
 def _all_min(flag: int, device: torch.device) -> int:
