@@ -40,7 +40,10 @@ OVERRIDES: dict[str, list[str]] = {
     "barlow_twins": ["method.barlow_twins.lambd=0.01", "optim.lr=0.001"],
     "diet": ["augment.global_crops.count=1"],
     "cissl": ["method.projector=[1024,128]", "method.cissl.temperature=0.1"],
-    "dissl": ["method.dissl.classes=128"],  # C above the sample count (1,200 digits) made it slower to leave uniform
+    # C above the sample count (1,200 digits) made it slower to leave uniform. At the paper's teacher temperature 0.5
+    # the teacher was still near uniform after 100 steps (kNN 0.898); 0.2 sharpens it early (H[M|Z] 1.5 nats at step
+    # 60) and beats random init.
+    "dissl": ["method.dissl.classes=128", "method.dissl.teacher_temperature=0.2"],
     "byol": ["method.projector=[1024,256]", "method.byol.predictor=[1024,256]"],
     "dino": ["method.dino.out_dim=4096", "method.dino.hidden_dim=1024", "method.dino.bottleneck_dim=256",
              "method.dino.teacher_temperature=0.04", "augment.local_crops.count=2", "augment.local_crops.size=16",
