@@ -23,7 +23,7 @@ class DINO(Method):
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: DINOConfig, loss_impl: str = "auto") -> None:
         super().__init__(backbone, feature_dim, loss_impl)
         self.head = DINOHead(feature_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
-                             norm_last_layer=cfg.norm_last_layer)
+                             norm_last_layer=cfg.norm_last_layer, use_bn=cfg.use_bn)
         self.teacher_backbone = frozen_copy(backbone)
         self.teacher_head = frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(cfg.out_dim))
