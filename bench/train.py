@@ -22,7 +22,7 @@ Rows per model (images/s counts source images, each giving all of its views, as 
 - ``ceiling``: ssltrain's step (Method forward with heads and loss, backward, finite-gradient check, clipping,
   optimizer, EMA teacher) on synthetic views already on the device: the model ceiling.
 - ``deferred``: the ceiling with ``train.finite_check=deferred`` (the finite check on the device, no host sync per
-  step), where the recipe's optimizer can skip on the device (AdamW: the DINO row).
+  step), where the recipe's optimizer can skip on the device (LARS, torch's fused AdamW: both rows).
 - ``dali``: the same step fed by ``data.loader=dali`` from JPEG shards (GPU decode on a GPU; DALI's CPU mode
   without one). Reported as unavailable where DALI cannot run (the loader then falls back to the CPU path).
 - ``cpu``: the same step fed by the CPU pipeline (DataLoader workers, torchvision augmentation).

@@ -60,8 +60,14 @@ def _scaled(updates: list[Tensor], ratios: list[Tensor]) -> list[Tensor]:
 
 
 def _momentum_step(optimizer: torch.optim.Optimizer, params: list[Tensor], updates: list[Tensor], momentum: float,
-                   lr: float) -> None:
-    """``buf = momentum * buf + u`` (``buf = u`` on a parameter's first step), ``w -= lr * buf``, as torch's SGD."""
+                   lr: float, keep: Tensor | None = None) -> None:
+    """``buf = momentum * buf + u`` (``buf = u`` on a parameter's first step), ``w -= lr * buf``, as torch's SGD.
+
+    ``keep`` (0-d, 1 or 0) makes the whole update conditional on the device: with 0 every buffer and weight keeps
+    its value (a buffer created by a skipped first step is 0, so the next step still sets ``buf = u``).
+    """
+    if keep is not None:
+        updates = torch._foreach_mul(updates, keep)
     bufs = []
     for p, u in zip(params, updates):
         state = optimizer.state[p]
@@ -71,9 +77,13 @@ def _momentum_step(optimizer: torch.optim.Optimizer, params: list[Tensor], updat
             bufs.append((state["momentum_buffer"], u))
     if bufs:
         old, new = [b for b, _ in bufs], [u for _, u in bufs]
-        torch._foreach_mul_(old, momentum)
+        torch._foreach_mul_(old, momentum if keep is None else keep * momentum + (1 - keep))
         torch._foreach_add_(old, new)
-    torch._foreach_add_(params, [optimizer.state[p]["momentum_buffer"] for p in params], alpha=-lr)
+    steps = [optimizer.state[p]["momentum_buffer"] for p in params]
+    if keep is None:
+        torch._foreach_add_(params, steps, alpha=-lr)
+    else:
+        torch._foreach_add_(params, torch._foreach_mul(steps, keep * -lr))
 
 
 class LARS(torch.optim.Optimizer):
@@ -81,7 +91,12 @@ class LARS(torch.optim.Optimizer):
 
     Parameter groups with ``exclude=True`` skip weight decay and the trust ratio (plain momentum SGD). Each group
     is updated with multi-tensor kernels: a ResNet-50 step is about ten kernel launches instead of ~1,600.
+
+    A ``found_inf`` attribute (a 0-d tensor, set by ssltrain/guard.py under ``train.finite_check=deferred``) skips
+    the step on the device: non-finite gradients are zeroed first, then every write is scaled by ``1 - found_inf``.
     """
+
+    supports_found_inf = True
 
     def __init__(self, params: Iterable, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.001) -> None:
         if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1 or eta <= 0:
@@ -99,10 +114,14 @@ class LARS(torch.optim.Optimizer):
             if not params:
                 continue
             updates = [p.grad for p in params]
+            found_inf = getattr(self, "found_inf", None)
+            if found_inf is not None:  # NaN * 0 is NaN: zero the non-finite entries before masking
+                updates = [torch.nan_to_num(u, nan=0.0, posinf=0.0, neginf=0.0) for u in updates]
             if not group["exclude"]:
                 updates = torch._foreach_add(updates, params, alpha=group["weight_decay"])
                 updates = _scaled(updates, _trust_ratios(params, updates, group["eta"]))
-            _momentum_step(self, params, updates, group["momentum"], group["lr"])
+            keep = None if found_inf is None else 1.0 - found_inf.to(params[0].device)
+            _momentum_step(self, params, updates, group["momentum"], group["lr"], keep)
         return loss
 
 

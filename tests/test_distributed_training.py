@@ -123,14 +123,17 @@ def test_fsdp_equals_one_process(tmp_path: Path, data: str, single: dict, method
     assert_close(params(cfg.run_dir), single[method])
 
 
-def test_deferred_finite_check_equals_host_check_under_fsdp(tmp_path: Path, data: str) -> None:
-    """The device-side skip (fused AdamW's found_inf on DTensor shards, the gated EMA of a sharded teacher, the flag
-    all-reduced without a host read) makes the updates the host-side check makes, a NaN step included."""
+@pytest.mark.parametrize("optimizer,lr", [("adamw", 0.01), ("lars", 0.5)])
+def test_deferred_finite_check_equals_host_check_under_fsdp(tmp_path: Path, data: str, optimizer: str,
+                                                            lr: float) -> None:
+    """The device-side skip (fused AdamW's found_inf, LARS's masked update, both on DTensor shards; the gated EMA of a
+    sharded teacher; the flag all-reduced without a host read) makes the host-side check's updates, a NaN step
+    included."""
     runs = {}
     for mode in ("step", "deferred"):
         config, runs[mode] = write_config(tmp_path, mode, data, **{
-            "method.name": "byol", "dist.strategy": "fsdp", "dist.fsdp_bf16_params": False, "optim.name": "adamw",
-            "optim.lr": 0.01, "faults.inject_nonfinite_steps": "[2]", "train.finite_check": mode})
+            "method.name": "byol", "dist.strategy": "fsdp", "dist.fsdp_bf16_params": False, "optim.name": optimizer,
+            "optim.lr": lr, "faults.inject_nonfinite_steps": "[2]", "train.finite_check": mode})
         torchrun(config, 2)
     assert [r["nonfinite_steps"] for r in read_metrics(runs["deferred"].run_dir / "metrics.jsonl")] == [0, 0, 1, 1, 1, 1]
     assert_close(params(runs["deferred"].run_dir), params(runs["step"].run_dir), atol=1e-6)
