@@ -135,7 +135,8 @@ def test_deferred_finite_check_equals_host_check_under_fsdp(tmp_path: Path, data
             "method.name": "byol", "dist.strategy": "fsdp", "dist.fsdp_bf16_params": False, "optim.name": optimizer,
             "optim.lr": lr, "faults.inject_nonfinite_steps": "[2]", "train.finite_check": mode})
         torchrun(config, 2)
-    assert [r["nonfinite_steps"] for r in read_metrics(runs["deferred"].run_dir / "metrics.jsonl")] == [0, 0, 1, 1, 1, 1]
+    records = read_metrics(runs["deferred"].run_dir / "metrics.jsonl")
+    assert [r["nonfinite_steps"] for r in records] == [0, 0, 1, 1, 1, 1]
     assert_close(params(runs["deferred"].run_dir), params(runs["step"].run_dir), atol=1e-6)
 
 
