@@ -81,17 +81,17 @@ class FiniteGuard:
         if mode == "deferred":  # device-side counters: total, current run, longest run since the last check
             self._counts = torch.zeros(3, device=device)
 
-    def apply(self, loss: Tensor, model: nn.Module, update: Callable[[Tensor | None], None]) -> bool | None:
-        """Run the update unless the step is not finite; returns whether it ran (None in deferred mode: unknown)."""
+    def apply(self, loss: Tensor, model: nn.Module, update: Callable[[Tensor | None], None]) -> None:
+        """Run the update unless the step is not finite (in deferred mode: run it, gated on the device)."""
         flag = nonfinite_flag(loss, model)
         if self.mode == "step":
             if agree(bool(flag.item() > 0)):
                 self._total, self._run = self._total + 1, self._run + 1
                 self._longest = max(self._longest, self._run)
-                return False
+                return
             self._run = 0
             update(None)
-            return True
+            return
         if is_distributed():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # queued on the device; the host goes on
         flag = flag.to(self._counts.device)
@@ -103,7 +103,6 @@ class FiniteGuard:
             update(1.0 - flag)
         finally:
             del self.optimizer.found_inf
-        return None
 
     def check(self) -> GuardReport:
         """The counts so far. In deferred mode this reads the device (a sync): call it at log steps."""
