@@ -86,7 +86,26 @@ def _momentum_step(optimizer: torch.optim.Optimizer, params: list[Tensor], updat
         torch._foreach_add_(params, torch._foreach_mul(steps, keep * -lr))
 
 
-class LARS(torch.optim.Optimizer):
+class _MultiTensorOptimizer(torch.optim.Optimizer):
+    """The ``step`` of LARS and LAMB: the closure, then ``_update_group`` for each group's parameters with grads."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update_group(group, params)
+        return loss
+
+    def _update_group(self, group: dict, params: list[Tensor]) -> None:
+        raise NotImplementedError
+
+
+class LARS(_MultiTensorOptimizer):
     """SGD with momentum and layer-wise trust ratio ``eta * ||w|| / ||g + wd * w||`` (You et al., 2017).
 
     Parameter groups with ``exclude=True`` skip weight decay and the trust ratio (plain momentum SGD). Each group
@@ -103,29 +122,19 @@ class LARS(torch.optim.Optimizer):
             raise ValueError(f"LARS: invalid lr={lr}, weight_decay={weight_decay}, momentum={momentum}, eta={eta}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, exclude=False))
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            updates = [p.grad for p in params]
-            found_inf = getattr(self, "found_inf", None)
-            if found_inf is not None:  # NaN * 0 is NaN: zero the non-finite entries before masking
-                updates = [torch.nan_to_num(u, nan=0.0, posinf=0.0, neginf=0.0) for u in updates]
-            if not group["exclude"]:
-                updates = torch._foreach_add(updates, params, alpha=group["weight_decay"])
-                updates = _scaled(updates, _trust_ratios(params, updates, group["eta"]))
-            keep = None if found_inf is None else 1.0 - found_inf.to(params[0].device)
-            _momentum_step(self, params, updates, group["momentum"], group["lr"], keep)
-        return loss
+    def _update_group(self, group: dict, params: list[Tensor]) -> None:
+        updates = [p.grad for p in params]
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None:  # NaN * 0 is NaN: zero the non-finite entries before masking
+            updates = [torch.nan_to_num(u, nan=0.0, posinf=0.0, neginf=0.0) for u in updates]
+        if not group["exclude"]:
+            updates = torch._foreach_add(updates, params, alpha=group["weight_decay"])
+            updates = _scaled(updates, _trust_ratios(params, updates, group["eta"]))
+        keep = None if found_inf is None else 1.0 - found_inf.to(params[0].device)
+        _momentum_step(self, params, updates, group["momentum"], group["lr"], keep)
 
 
-class LAMB(torch.optim.Optimizer):
+class LAMB(_MultiTensorOptimizer):
     """LAMB (You et al., 2020) exactly as apex's FusedLAMB computes it (``adam_w_mode``, grad averaging, bias
     correction, ``use_nvlamb=False``): ``u = m_hat / (sqrt(v_hat) + eps) + wd * w``, then
     ``w -= lr * (||w|| / ||u||) * u``. Groups with ``weight_decay == 0`` (biases and norms) take the plain Adam
@@ -139,40 +148,30 @@ class LAMB(torch.optim.Optimizer):
             raise ValueError(f"LAMB: invalid lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            grads = [p.grad for p in params]
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-            m = [self.state[p]["exp_avg"] for p in params]
-            v = [self.state[p]["exp_avg_sq"] for p in params]
-            torch._foreach_lerp_(m, grads, 1 - beta1)
-            torch._foreach_mul_(v, beta2)
-            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-            steps = [float(self.state[p]["step"]) for p in params]
-            m_hat = torch._foreach_div(m, [1 - beta1 ** s for s in steps])
-            denom = torch._foreach_sqrt(torch._foreach_div(v, [1 - beta2 ** s for s in steps]))
-            torch._foreach_add_(denom, group["eps"])
-            updates = torch._foreach_div(m_hat, denom)
-            if group["weight_decay"] != 0:
-                torch._foreach_add_(updates, params, alpha=group["weight_decay"])
-                updates = _scaled(updates, _trust_ratios(params, updates, 1.0))
-            torch._foreach_add_(params, updates, alpha=-group["lr"])
-        return loss
+    def _update_group(self, group: dict, params: list[Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        grads = [p.grad for p in params]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+        m = [self.state[p]["exp_avg"] for p in params]
+        v = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_lerp_(m, grads, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        steps = [float(self.state[p]["step"]) for p in params]
+        m_hat = torch._foreach_div(m, [1 - beta1 ** s for s in steps])
+        denom = torch._foreach_sqrt(torch._foreach_div(v, [1 - beta2 ** s for s in steps]))
+        torch._foreach_add_(denom, group["eps"])
+        updates = torch._foreach_div(m_hat, denom)
+        if group["weight_decay"] != 0:
+            torch._foreach_add_(updates, params, alpha=group["weight_decay"])
+            updates = _scaled(updates, _trust_ratios(params, updates, 1.0))
+        torch._foreach_add_(params, updates, alpha=-group["lr"])
 
 
 def _apex_optimizers() -> ModuleType | None:
