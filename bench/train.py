@@ -35,6 +35,7 @@ randomly initialised. Timings are wall clock over ``--steps`` steps after ``--wa
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import logging
@@ -61,7 +62,7 @@ from ssltrain.methods import build_method
 from ssltrain.models.backbones import build_backbone
 from ssltrain.optim import build_optimizer, scaled_lr, set_lr
 from ssltrain.speed import apply_speed, channels_last_wanted
-from ssltrain.train import autocast_for, resolve_device
+from ssltrain.train import autocast_for, optimizer_update, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"vicreg": ("configs/vicreg_resnet50_imagenet.yaml", 256), "dino": ("configs/dino_vit_small_imagenet.yaml", 64)}
@@ -149,15 +150,8 @@ def ssltrain_run(cfg: Config, trainee: Trainee, device: torch.device, batches: I
         with autocast_for(device, cfg.precision):
             out = model(views.to(device))
             out["loss"].backward()
-
-        def update(gate: torch.Tensor | None) -> None:
-            model.before_optimizer_step(step)
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, foreach=True)
-            optimizer.step()
-            model.on_step_end(step, total, gate)
-
-        trainee.guard.apply(out["loss"], model, update)
+        trainee.guard.apply(out["loss"], model, functools.partial(optimizer_update, model, optimizer,
+                                                                  cfg.optim.grad_clip, step, total))
         images += views.batch_size
     _sync(device)
     return images / (time.perf_counter() - start)

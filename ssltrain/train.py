@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import time
@@ -28,6 +29,7 @@ from ssltrain.distributed import agree, all_reduce_sum, barrier, init_distribute
 from ssltrain.eval.online_knn import OnlineKNN
 from ssltrain.guard import FiniteGuard
 from ssltrain.methods import build_method
+from ssltrain.methods.base import Method
 from ssltrain.metrics import CollapseWatch, MetricsLog, WandbSettings, require_wandb
 from ssltrain.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from ssltrain.parallel import convert_sync_batchnorm, wrap_model
@@ -52,6 +54,18 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     if not use_bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def optimizer_update(model: Method, optimizer: torch.optim.Optimizer, grad_clip: float, step: int, total_steps: int,
+                     gate: torch.Tensor | None) -> None:
+    """The update of one step after backward, as FiniteGuard.apply runs it: gradient surgery (e.g. prototypes
+    frozen for the first steps), clipping, the optimizer (with a device-side skip flag in deferred mode), then the
+    EMA teachers (gated by ``gate`` on the device in deferred mode)."""
+    model.before_optimizer_step(step)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
+    optimizer.step()
+    model.on_step_end(step, total_steps, gate)
 
 
 def _finite_params(model: torch.nn.Module) -> bool:
@@ -216,15 +230,9 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
                             ((loss + probe_loss) / accumulate).backward()
                     window_samples += views.batch_size * env.world_size
                 if usable:
-                    def update(gate: torch.Tensor | None) -> None:
-                        model.before_optimizer_step(step)  # e.g. prototypes frozen for the first steps
-                        if cfg.optim.grad_clip > 0:
-                            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, foreach=True)
-                        optimizer.step()  # with a device-side skip flag in deferred mode (ssltrain/guard.py)
-                        model.on_step_end(step, cfg.steps, gate)  # EMA teachers
-
                     with phase("optimizer"):
-                        guard.apply(loss, model, update)
+                        guard.apply(loss, model, functools.partial(optimizer_update, model, optimizer,
+                                                                   cfg.optim.grad_clip, step, cfg.steps))
                 step += 1
                 position = step * global_batch
                 knn_due = online_knn is not None and online_knn.due(step)
