@@ -200,6 +200,10 @@ class SwAVConfig:
     epsilon: float = 0.05
     sinkhorn_iterations: int = 3
     freeze_prototypes_steps: int = 0  # official: 313 (prototypes get no update at first)
+    # Past embeddings per global view scored with the batch in Sinkhorn-Knopp, so small batches still spread over
+    # the prototypes (official: 3840 at batch 256, from epoch 15; 0 at batch 4096). 0: no queue.
+    queue_size: int = 0
+    queue_start_step: int = 0  # steps before the queue starts filling (official: 15 epochs)
 
 
 @dataclass
@@ -404,6 +408,9 @@ def _check(cfg: Config, source: str) -> None:
     for key in positive:
         if _node_at(cfg, key) <= 0:
             raise ConfigError(f"{source}: '{key}' must be positive, got {_node_at(cfg, key)}")
+    for key in ("method.swav.queue_size", "method.swav.queue_start_step"):
+        if _node_at(cfg, key) < 0:
+            raise ConfigError(f"{source}: '{key}' must be >= 0 (queue_size 0: no queue), got {_node_at(cfg, key)}")
     if cfg.eval.online_knn_every < 0:
         raise ConfigError(f"{source}: 'eval.online_knn_every' must be >= 0 (0: off), got {cfg.eval.online_knn_every}")
     caps = cfg.eval.online_knn_samples

@@ -28,7 +28,7 @@ from ssltrain.methods.vicreg_pairwise import VICRegPairwise
 
 DIM, OUT, BATCH, NUM_SAMPLES = 6, 5, 8, 13
 METHODS = ["vicreg", "vicreg_logdet", "vicreg_pairwise", "vcreg", "simclr", "barlow_twins", "diet", "cissl", "dissl",
-           "byol", "dino", "swav"]
+           "byol", "dino", "swav", "swav_queue"]
 
 
 def make_method(name: str) -> Method:
@@ -58,6 +58,8 @@ def make_method(name: str) -> Method:
         return DINO(backbone, DIM, C.DINOConfig(out_dim=9, hidden_dim=8, bottleneck_dim=4, teacher_temperature=0.2))
     if name == "swav":
         return SwAV(backbone, DIM, proj, C.SwAVConfig(prototypes=7, epsilon=0.5))
+    if name == "swav_queue":  # the queue holds the first batch's embeddings when the measured one runs
+        return SwAV(backbone, DIM, proj, C.SwAVConfig(prototypes=7, epsilon=0.5, queue_size=BATCH))
     raise ValueError(name)
 
 
@@ -75,6 +77,9 @@ def run(name: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
     views, index = full_batch(name)
     b = BATCH // world
     xs = [v[rank * b : (rank + 1) * b].clone().requires_grad_(True) for v in views]
+    if name == "swav_queue":  # fill the queue with another batch (the views' rows reversed) first
+        method.on_step_start(0, 1)
+        method(Views([v.flip(0)[rank * b : (rank + 1) * b] for v in views], [], index[rank * b : (rank + 1) * b], None))
     out = method(Views(xs, [], index[rank * b : (rank + 1) * b], None))
     out["loss"].backward()
     result = {"loss": out["loss"].detach()}

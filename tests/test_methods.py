@@ -52,10 +52,15 @@ def test_method_trains_and_logs_its_terms_and_monitors(name: str, shard_dir: Pat
     assert any(k.startswith("backbone.") for k in state["model"])
 
 
-@pytest.mark.parametrize("name", ["byol", "dino", "swav", "diet"])
-def test_method_with_teacher_or_state_resumes_exactly(name: str, shard_dir: Path, tmp_path: Path) -> None:
-    whole = train(method_config(tmp_path / "a", str(shard_dir), name, steps=5))
-    cfg = method_config(tmp_path / "b", str(shard_dir), name, steps=5)
+# swav with a queue: filled by step 1's batch, used from step 2, so the resumed run must restore it and its count.
+SWAV_QUEUE = {"method.swav.queue_size": 8, "method.swav.queue_start_step": 1}
+
+
+@pytest.mark.parametrize("name,extra", [("byol", {}), ("dino", {}), ("swav", {}), ("swav", SWAV_QUEUE), ("diet", {})],
+                         ids=["byol", "dino", "swav", "swav_queue", "diet"])
+def test_method_with_teacher_or_state_resumes_exactly(name: str, extra: dict, shard_dir: Path, tmp_path: Path) -> None:
+    whole = train(method_config(tmp_path / "a", str(shard_dir), name, steps=5, **extra))
+    cfg = method_config(tmp_path / "b", str(shard_dir), name, steps=5, **extra)
     train(cfg, stop_after_steps=2)
     resumed = train(cfg)
     a = load_checkpoint(Checkpointer(whole / "checkpoints").latest())["model"]
@@ -68,6 +73,8 @@ def test_method_with_teacher_or_state_resumes_exactly(name: str, shard_dir: Path
         assert teacher, "the EMA teacher is in the checkpoint"
         # the teacher moved (EMA) but is not the student
         assert not torch.equal(a["teacher_backbone.conv1.weight"], a["backbone.conv1.weight"])
+    if extra:
+        assert int(a["queue_rows"]) == 8 and a["queue"].abs().sum(-1).gt(0).all(), "the queue is full"
 
 
 def test_teacher_is_not_optimised_and_frozen_parameters_stay_frozen(shard_dir: Path, tmp_path: Path) -> None:

@@ -77,7 +77,7 @@ def _build(cfg: Config, num_samples: int | None) -> Method:
     if name == "swav":
         from ssltrain.methods.swav import SwAV
 
-        return SwAV(backbone, dim, projector, mc.swav, impl)
+        return SwAV(backbone, dim, projector, mc.swav, impl, num_global=cfg.augment.global_crops.count)
     raise ValueError(f"unknown method '{name}'")
 
 
