@@ -22,6 +22,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from ssltrain.apex_probe import load_apex
 from ssltrain.config import ConfigError, OptimConfig
 
 log = logging.getLogger("ssltrain")
@@ -176,12 +177,7 @@ class LAMB(_MultiTensorOptimizer):
 
 def _apex_optimizers() -> ModuleType | None:
     """``apex.optimizers`` with its CUDA extensions, or None (not installed, the unrelated PyPI 'apex', no CUDA)."""
-    try:
-        import apex.optimizers as apex_optimizers  # type: ignore[import-not-found]
-        import amp_C  # noqa: F401  # type: ignore[import-not-found]  (the fused kernels; absent from a Python-only build)
-    except Exception:  # ImportError, or a build whose extensions fail to load
-        return None
-    return apex_optimizers
+    return load_apex("optimizers", "amp_C")  # amp_C: the fused kernels, absent from a Python-only build
 
 
 def resolve_impl(cfg: OptimConfig, params: list[Tensor]) -> str:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ssltrain.apex_probe import load_apex
 from ssltrain.distributed import is_distributed, world_size
 
 log = logging.getLogger("ssltrain")
@@ -52,12 +53,7 @@ APEX_SYNC_BN_MISSING = (
 
 def _apex_parallel():
     """``apex.parallel`` with its compiled ``syncbn`` extension, or None."""
-    try:
-        import apex.parallel as apex_parallel  # type: ignore[import-not-found]
-        import syncbn  # noqa: F401  # type: ignore[import-not-found]  (apex's optimized kernels)
-    except ImportError:
-        return None
-    return apex_parallel
+    return load_apex("parallel", "syncbn")  # syncbn: apex's optimized kernels
 
 
 def resolve_sync_bn_impl(impl: str) -> str:
