@@ -175,6 +175,8 @@ class DISSLConfig:
 class BYOLConfig:
     predictor: List[int] = field(default_factory=lambda: [4096, 256])
     momentum: float = 0.99  # EMA momentum at step 0; cosine schedule to 1.0 at the last step
+    # The predictor's learning rate over the common one (paper: 1). Short runs: 10 kept the embedding's rank up.
+    predictor_lr_scale: float = 1.0
 
 
 @dataclass
@@ -404,7 +406,7 @@ def _check(cfg: Config, source: str) -> None:
         if value not in allowed:
             raise ConfigError(f"{source}: '{key}' is {value!r}; choose one of {', '.join(allowed)}")
     positive = ["steps", "data.batch_size", "checkpoint.every", "checkpoint.keep", "augment.global_crops.count",
-                "optim.accumulate", "faults.nonfinite_patience"]
+                "optim.accumulate", "faults.nonfinite_patience", "method.byol.predictor_lr_scale"]
     for key in positive:
         if _node_at(cfg, key) <= 0:
             raise ConfigError(f"{source}: '{key}' must be positive, got {_node_at(cfg, key)}")

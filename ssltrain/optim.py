@@ -257,6 +257,24 @@ def _probe_group(model: nn.Module, cfg: OptimConfig, peak_lr: float, probe_lr: f
     return [{"params": list(probe.parameters()), "weight_decay": 0.0, "exclude": True, "lr_scale": probe_lr / peak_lr}]
 
 
+def _by_lr_scale(model: nn.Module, groups: list[dict]) -> list[dict]:
+    """Split each group by the method's learning-rate multipliers (``Method.lr_scales``: parameter-name prefix ->
+    scale); a scaled part gets ``lr_scale``, which :func:`set_lr` applies on the common schedule."""
+    scales = model.lr_scales() if hasattr(model, "lr_scales") else {}
+    if not scales:
+        return groups
+    scale_of = {id(p): s for name, p in model.named_parameters() for prefix, s in scales.items()
+                if name.startswith(prefix)}
+    out = []
+    for group in groups:
+        by_scale: dict[float, list[Tensor]] = {}
+        for p in group["params"]:
+            by_scale.setdefault(scale_of.get(id(p), 1.0), []).append(p)
+        for scale, params in by_scale.items():
+            out.append({**group, "params": params, **({"lr_scale": scale} if scale != 1.0 else {})})
+    return out
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int, probe_lr: float = 0.0) -> torch.optim.Optimizer:
     regular, excluded = param_groups(model)
     lr = scaled_lr(cfg, global_batch)
@@ -264,10 +282,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int, probe
     if cfg.name == "lars":
         resolve_impl(cfg, regular + excluded)  # optim.impl=apex without apex is still an error
         groups = _by_sharding([{"params": regular}, {"params": excluded, "weight_decay": 0.0, "exclude": True}])
+        groups = _by_lr_scale(model, groups)
         return LARS(groups + probe, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, eta=cfg.eta)
     if cfg.name not in ("adamw", "lamb"):
         raise ValueError(f"unknown optimizer '{cfg.name}'; choose lars, adamw or lamb")
-    groups = _by_sharding([{"params": regular}, {"params": excluded, "weight_decay": 0.0}])
+    groups = _by_lr_scale(model, _by_sharding([{"params": regular}, {"params": excluded, "weight_decay": 0.0}]))
     groups += [{k: v for k, v in g.items() if k != "exclude"} for g in probe]
     if resolve_impl(cfg, [p for g in groups for p in g["params"]]) == "apex":
         return _apex_optimizer(cfg.name, groups, cfg, lr)
@@ -288,6 +307,7 @@ def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int, min_lr
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the scheduled rate; a group with ``lr_scale`` (the online probe's) follows the schedule at its own peak."""
+    """Set the scheduled rate; a group with ``lr_scale`` (the online probe's, BYOL's predictor) follows the schedule
+    at its own peak."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ssltrain.config import OptimConfig
-from ssltrain.optim import LARS, build_optimizer, lr_at, param_groups, scaled_lr
+from ssltrain.optim import LARS, build_optimizer, lr_at, param_groups, scaled_lr, set_lr
 
 
 def test_lars_step_matches_the_formula() -> None:
@@ -55,3 +55,34 @@ def test_lr_scales_with_batch_and_follows_warmup_then_cosine() -> None:
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[60] == pytest.approx(0.01 + 0.99 * 0.5)  # halfway through the cosine
     assert lr_at(total, total, peak, warm, 0.01) == pytest.approx(0.01)
+
+
+def test_a_method_lr_scale_trains_its_parameters_at_that_multiple() -> None:
+    from ssltrain.config import BYOLConfig
+    from ssltrain.methods.byol import BYOL
+
+    torch.manual_seed(0)
+    byol = BYOL(nn.Linear(12, 6), 6, [8, 4], BYOLConfig(predictor=[8, 4], predictor_lr_scale=10.0))
+    predictor = {id(p) for p in byol.predictor.parameters()}
+    trainable = [p for p in byol.parameters() if p.requires_grad]
+    for name in ("lars", "adamw"):
+        opt = build_optimizer(byol, OptimConfig(name=name, weight_decay=0.1), 256)
+        set_lr(opt, 0.5)
+        grouped = [p for g in opt.param_groups for p in g["params"]]
+        assert sorted(map(id, grouped)) == sorted(map(id, trainable)), "every parameter in exactly one group"
+        for group in opt.param_groups:
+            kinds = {id(p) in predictor for p in group["params"]}
+            assert len(kinds) == 1, "a group is all predictor or none of it"
+            assert group["lr"] == pytest.approx(5.0 if kinds == {True} else 0.5)
+            assert group["weight_decay"] == (0.0 if group["params"][0].ndim == 1 else 0.1)
+    # One AdamW step moves the predictor as AdamW at 10x the rate would, and the rest as at 1x.
+    for p in trainable:
+        p.grad = torch.randn_like(p)
+    before = {id(p): p.detach().clone() for p in trainable}
+    opt.step()
+    for p in trainable:
+        ref = before[id(p)].clone().requires_grad_(True)
+        ref.grad = p.grad
+        lr = 5.0 if id(p) in predictor else 0.5
+        torch.optim.AdamW([ref], lr=lr, weight_decay=0.1 if p.ndim > 1 else 0.0).step()
+        torch.testing.assert_close(p.detach(), ref.detach())

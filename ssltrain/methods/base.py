@@ -115,6 +115,11 @@ class Method(nn.Module):
             return {}
         return embedding_monitors(self._watched.float(), prefix="emb")
 
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter-name prefix (e.g. ``{"predictor.": 10.0}``); the optimizer puts
+        each in a group of its own on the common schedule."""
+        return {}
+
     def on_step_start(self, step: int, total_steps: int) -> None:
         """Set step-dependent schedules (teacher temperature, ...) before the forward."""
 

@@ -4,6 +4,9 @@ Loss: negative cosine (``2 - 2 cos``) between the online prediction of one view 
 another, averaged over (global teacher view, other student view) pairs, so multi-crop works. The teacher is an EMA
 of the online backbone and projector whose momentum follows a cosine from ``momentum`` to 1 over the run; it is a
 function of the step, so resume is exact. No gathering: every term is a per-sample mean.
+
+``predictor_lr_scale`` trains the predictor faster than the rest: Tian, Chen & Ganguli (ICML 2021) show that a
+predictor lagging the encoder lets the embedding collapse onto few directions, and a larger predictor rate avoids it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ class BYOL(Method):
             t = self.encode_views(views, self.teacher_projector, self.teacher_backbone, num_views=num_global)
         terms = [byol_loss(p[v], t[g]) for g in range(num_global) for v in range(len(p)) if v != g]
         return {"loss": torch.stack(terms).mean()}
+
+    def lr_scales(self) -> dict[str, float]:
+        scale = self.cfg.predictor_lr_scale
+        return {"predictor.": scale} if scale != 1.0 else {}
 
     def on_step_end(self, step: int, total_steps: int, gate: Tensor | None = None) -> None:
         momentum = cosine_momentum(self.cfg.momentum, step, total_steps)
