@@ -156,3 +156,21 @@ def test_diet_sharded_cross_entropy_equals_the_reference_loss() -> None:
     torch.testing.assert_close(accuracy, ref["accuracy"])
     torch.testing.assert_close(got[0], features.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got[1], head.weight.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_dino_centre_ignores_a_non_finite_teacher_batch() -> None:
+    from torch import nn
+
+    from ssltrain.config import DINOConfig
+    from ssltrain.data.loader import Views
+    from ssltrain.methods.dino import DINO
+
+    torch.manual_seed(0)
+    dino = DINO(nn.Identity(), 6, DINOConfig(out_dim=9, hidden_dim=8, bottleneck_dim=4))
+    views = [torch.randn(4, 6) for _ in range(2)]
+    dino(Views(views, [], None, None))
+    centre = dino.center.clone()
+    assert centre.abs().sum() > 0, "a finite batch moves the centre"
+    views[1][0, 0] = float("nan")  # its loss is NaN and the step is skipped; the centre must stay usable
+    dino(Views(views, [], None, None))
+    assert torch.equal(dino.center, centre)

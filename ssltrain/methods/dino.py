@@ -55,7 +55,10 @@ class DINO(Method):
         total = all_reduce_sum(stacked.sum(dim=0))
         count = all_reduce_sum(torch.tensor(float(stacked.shape[0]), device=stacked.device))
         m = self.cfg.center_momentum
-        self.center.mul_(m).add_(total / count, alpha=1 - m)
+        moved = self.center * m + total / count * (1 - m)
+        # A non-finite teacher batch (its step is skipped, see ssltrain/guard.py) must not poison the centre for good;
+        # decided on the device, the same on every rank (the sums are all-reduced).
+        self.center.copy_(torch.where(torch.isfinite(moved).all(), moved, self.center))
 
     def before_optimizer_step(self, step: int) -> None:
         if step < self.cfg.freeze_last_layer_steps:
