@@ -55,7 +55,7 @@ class SwAV(Method):
             for g in range(num_global):
                 local = scores[g].detach()  # sinkhorn_knopp computes in float32 at least
                 batch = gather_no_grad(local)
-                queued = self.prototypes(self.queue[g]).to(batch.dtype) if use_queue else batch[:0]
+                queued = self.prototypes(self.queue[g].to(z[g].dtype)).to(batch.dtype) if use_queue else batch[:0]
                 # official order: the queue's rows, then the batch's; this rank's codes are among the batch's
                 full = sinkhorn_knopp(torch.cat([queued, batch]), self.cfg.epsilon, self.cfg.sinkhorn_iterations)
                 start = queued.shape[0] + row_offset(local.shape[0], local.device)
