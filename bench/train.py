@@ -147,6 +147,7 @@ def ssltrain_run(cfg: Config, trainee: Trainee, device: torch.device, batches: I
         views = next(batches)
         model.on_step_start(step, total)
         optimizer.zero_grad(set_to_none=True)
+        trainee.guard.begin_step(model)  # as the trainer does: its cost is part of the step
         with autocast_for(device, cfg.precision):
             out = model(views.to(device))
             out["loss"].backward()

@@ -12,6 +12,10 @@
   teachers move by ``(1 - momentum) * (1 - flag)``. The host reads the counts only at log steps, so a step has no
   host synchronisation of its own (the shape CUDA graphs and a deep launch queue need). The updates are the same as
   with ``step``; tests/test_guard.py checks it. Only optimizers that can skip on the device qualify.
+
+The forward itself moves the norm layers' running statistics, before anyone knows whether the step is finite: a
+batch with a NaN activation would leave NaN running means in every later checkpoint and evaluation. ``begin_step``
+remembers them, and a skipped step puts them back (in deferred mode by a ``torch.where`` on the device).
 """
 
 from __future__ import annotations
@@ -45,6 +49,13 @@ def nonfinite_flag(loss: Tensor, model: nn.Module) -> Tensor:
     return bad.float()
 
 
+def norm_statistics(model: nn.Module) -> list[Tensor]:
+    """The buffers a training forward updates: running mean, variance and count of every BatchNorm-like layer
+    (SyncBatchNorm and apex's included; EMA teachers' too, as they are submodules of the method)."""
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+            for b in m.buffers(recurse=False)]
+
+
 def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step`` honours a ``found_inf`` tensor: torch's fused Adam/AdamW/SGD, ssltrain's LARS."""
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False)
@@ -64,7 +75,8 @@ class GuardReport:
 class FiniteGuard:
     """Applies an update only when the step is finite on every rank; counts the skipped steps.
 
-    ``apply(loss, model, update)`` runs ``update(gate)``: the optimizer step and EMA teachers. ``gate`` is None
+    ``begin_step(model)`` (before the forward) remembers the norm layers' running statistics, which a skipped step
+    restores. ``apply(loss, model, update)`` runs ``update(gate)``: the optimizer step and EMA teachers. ``gate`` is None
     when the host decided (the update is skipped by not calling it) or a 0-d tensor, 1 to keep and 0 to skip,
     that the update must honour on the device. ``check()`` returns the counts (a host read in deferred mode).
     """
@@ -78,8 +90,19 @@ class FiniteGuard:
         self.mode, self.optimizer = mode, optimizer
         self._total, self._reported = 0, 0
         self._run, self._longest = 0, 0
+        self._watched: nn.Module | None = None
+        self._statistics: list[Tensor] = []  # the model's norm buffers and their values before this step's forward
+        self._saved: list[Tensor] = []
         if mode == "deferred":  # device-side counters: total, current run, longest run since the last check
             self._counts = torch.zeros(3, device=device)
+
+    def begin_step(self, model: nn.Module) -> None:
+        """Remember the running statistics that this step's forward will move (one multi-tensor copy)."""
+        if model is not self._watched:
+            self._watched, self._statistics = model, norm_statistics(model)
+            self._saved = [b.detach().clone() for b in self._statistics]
+        elif self._statistics:
+            torch._foreach_copy_(self._saved, self._statistics)
 
     def apply(self, loss: Tensor, model: nn.Module, update: Callable[[Tensor | None], None]) -> None:
         """Run the update unless the step is not finite (in deferred mode: run it, gated on the device)."""
@@ -88,6 +111,8 @@ class FiniteGuard:
             if agree(bool(flag.item() > 0)):
                 self._total, self._run = self._total + 1, self._run + 1
                 self._longest = max(self._longest, self._run)
+                if self._statistics:
+                    torch._foreach_copy_(self._statistics, self._saved)
                 return
             self._run = 0
             update(None)
@@ -98,6 +123,9 @@ class FiniteGuard:
         total, run, longest = self._counts.unbind()
         run_now = (run + flag) * flag  # consecutive non-finite steps, 0 after a finite one
         self._counts.copy_(torch.stack([total + flag, run_now, torch.maximum(longest, run_now)]))
+        skip = flag.to(dtype=torch.bool)
+        for current, saved in zip(self._statistics, self._saved):
+            current.copy_(torch.where(skip.to(current.device), saved, current))
         self.optimizer.found_inf = flag
         try:
             update(1.0 - flag)

@@ -201,6 +201,7 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
                 set_lr(optimizer, lr)
                 model.on_step_start(step, cfg.steps)  # schedules: teacher temperature, ...
                 optimizer.zero_grad(set_to_none=True)
+                guard.begin_step(model)  # BN running statistics, put back if the step turns out non-finite
                 usable = True
                 for micro in range(accumulate):
                     t0 = time.perf_counter()

@@ -69,6 +69,35 @@ def test_skipped_step_leaves_weights_optimizer_and_teacher_alone(mode: str) -> N
     assert float(optimizer.state[model[0].weight]["step"]) == 2  # the skipped steps did not count
 
 
+@pytest.mark.parametrize("mode", ["step", "deferred"])
+def test_skipped_step_restores_the_running_statistics_its_forward_moved(mode: str) -> None:
+    """A NaN sample makes the batch statistics NaN; without the restore, BatchNorm's running mean and variance (the
+    student's and an EMA teacher's, which runs its own forward) would stay NaN in every later checkpoint."""
+    model = _model()
+    method = nn.ModuleDict({"student": model, "teacher": frozen_copy(model)})  # as Method holds its teacher
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    guard = FiniteGuard(mode, optimizer, torch.device("cpu"))
+    statistics = [n for n, _ in method.named_buffers()]
+    assert len(statistics) == 6  # running mean, variance and count of both BatchNorms
+    for step, poison in enumerate((False, True, False, True)):
+        before = {k: v.clone() for k, v in method.state_dict().items() if k in statistics or "running" in k}
+        guard.begin_step(method)
+        optimizer.zero_grad(set_to_none=True)
+        x = torch.randn(6, 4)
+        if poison:
+            x[2, 1] = float("nan")
+        loss = model(x).square().mean() + method["teacher"](x).sum() * 0
+        loss.backward()
+        guard.apply(loss, method, lambda gate: (optimizer.step(), ema_update(method["teacher"], model, 0.9, gate)))
+        after = dict(method.named_buffers())
+        if poison:
+            assert all(torch.equal(before[k], after[k]) for k in statistics), step
+        else:
+            assert not torch.equal(before["student.1.running_mean"], after["student.1.running_mean"])
+        assert all(torch.isfinite(v.float()).all() for v in after.values())
+    assert int(dict(method.named_buffers())["student.1.num_batches_tracked"]) == 2
+
+
 def _adamw(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
 
@@ -94,6 +123,7 @@ def test_deferred_updates_equal_host_decided_updates(make_optimizer) -> None:
         torch.manual_seed(1)
         for poison in (True, False, True, False, True, True, False):
             optimizer.zero_grad(set_to_none=True)
+            guard.begin_step(model)
             guard.apply(_backward(model, poison), model,
                         lambda gate: (optimizer.step(), ema_update(teacher, model, 0.8, gate)))
         results.append([*model.state_dict().values(), *teacher.state_dict().values(),
@@ -188,11 +218,13 @@ def test_deferred_step_does_not_synchronise_the_host() -> None:
     x = torch.randn(6, 4, device=device)
     for poison in (False, True, False):
         optimizer.zero_grad(set_to_none=True)
+        guard.begin_step(model)  # the first call allocates the copies (a sync-free clone); later ones copy into them
         loss = model(x).square().mean() * (float("nan") if poison else 1.0)
         loss.backward()
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
+            guard.begin_step(model)
             guard.apply(loss, model, lambda gate: (optimizer.step(), ema_update(teacher, model, 0.9, gate)))
         finally:
             torch.cuda.set_sync_debug_mode("default")
