@@ -258,7 +258,7 @@ class TrainConfig:
     # against the offline probes, which extract contiguous on CPU; true turns it on there.
     channels_last: str = "auto"  # auto | true | false
     # step: the non-finite check reads the device every step (any optimizer) | deferred: the skip is decided on the
-    # device (fused AdamW, LARS and the EMA teachers take the flag) and read at log steps: no per-step host sync
+    # device (fused AdamW, LARS, LAMB and the EMA teachers take the flag) and read at log steps: no per-step host sync
     finite_check: str = "step"
 
 

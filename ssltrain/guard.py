@@ -8,7 +8,7 @@
 - ``deferred``: on the device. The flag stays a tensor (combined across ranks by an all-reduce that the host does not
   wait for) and the update is made conditional on it where it is applied: torch's fused AdamW takes it as
   ``found_inf`` (the kernel leaves weights, moments and step count alone, as ``GradScaler`` uses it), so does
-  ssltrain's LARS (non-finite gradients zeroed, every write scaled by ``1 - found_inf``), and the EMA
+  ssltrain's LARS and LAMB (non-finite gradients zeroed, every write scaled by ``1 - found_inf``), and the EMA
   teachers move by ``(1 - momentum) * (1 - flag)``. The host reads the counts only at log steps, so a step has no
   host synchronisation of its own (the shape CUDA graphs and a deep launch queue need). The updates are the same as
   with ``step``; tests/test_guard.py checks it. Only optimizers that can skip on the device qualify.
@@ -57,7 +57,7 @@ def norm_statistics(model: nn.Module) -> list[Tensor]:
 
 
 def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer.step`` honours a ``found_inf`` tensor: torch's fused Adam/AdamW/SGD, ssltrain's LARS."""
+    """Whether ``optimizer.step`` honours a ``found_inf`` tensor: torch's fused Adam/AdamW/SGD, ssltrain's LARS and LAMB."""
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False)
                 or getattr(optimizer, "supports_found_inf", False))
 
@@ -85,8 +85,8 @@ class FiniteGuard:
         if mode == "deferred" and not supports_device_skip(optimizer):
             raise ConfigError(
                 f"train.finite_check=deferred needs an optimizer that can skip a step on the device; "
-                f"{type(optimizer).__name__} cannot. Use optim.name=adamw with optim.impl=native (torch's fused "
-                f"AdamW) or optim.name=lars, or train.finite_check=step")
+                f"{type(optimizer).__name__} cannot. Use optim.impl=native (torch's fused AdamW, ssltrain's LARS "
+                f"and LAMB; apex's fused optimizers cannot) or train.finite_check=step")
         self.mode, self.optimizer = mode, optimizer
         self._total, self._reported = 0, 0
         self._run, self._longest = 0, 0

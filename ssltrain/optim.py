@@ -141,7 +141,13 @@ class LAMB(_MultiTensorOptimizer):
     ``w -= lr * (||w|| / ||u||) * u``. Groups with ``weight_decay == 0`` (biases and norms) take the plain Adam
     step ``w -= lr * u``, as FusedLAMB does for them. Global gradient clipping is ``optim.grad_clip``, applied
     before the step (FusedLAMB's own is disabled when ssltrain builds it).
+
+    A ``found_inf`` attribute (see LARS) skips the step on the device: the step counts then live on the device and
+    grow by ``1 - found_inf``, the bias corrections are computed there, and moments and weights move by their
+    update times ``1 - found_inf`` (non-finite gradients zeroed first).
     """
+
+    supports_found_inf = True
 
     def __init__(self, params: Iterable, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0) -> None:
@@ -151,27 +157,51 @@ class LAMB(_MultiTensorOptimizer):
 
     def _update_group(self, group: dict, params: list[Tensor]) -> None:
         beta1, beta2 = group["betas"]
+        found_inf = getattr(self, "found_inf", None)
+        keep = None if found_inf is None else 1.0 - found_inf.to(params[0].device)
         grads = [p.grad for p in params]
+        if keep is not None:  # a skipped step's gradients become 0 (non-finite entries first: NaN * 0 is NaN)
+            grads = torch._foreach_mul([torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads], keep)
         for p in params:
             state = self.state[p]
             if not state:
-                state["step"] = torch.tensor(0.0)
+                state["step"] = torch.tensor(0.0) if keep is None else torch.zeros((), device=p.device)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
+            if keep is None:
+                state["step"] += 1
+            else:
+                state["step"] = state["step"].to(p.device) + keep
         m = [self.state[p]["exp_avg"] for p in params]
         v = [self.state[p]["exp_avg_sq"] for p in params]
-        torch._foreach_lerp_(m, grads, 1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-        steps = [float(self.state[p]["step"]) for p in params]
-        m_hat = torch._foreach_div(m, [1 - beta1 ** s for s in steps])
-        denom = torch._foreach_sqrt(torch._foreach_div(v, [1 - beta2 ** s for s in steps]))
+        if keep is None:
+            torch._foreach_lerp_(m, grads, 1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+            steps = [float(self.state[p]["step"]) for p in params]
+            corrections1, corrections2 = [1 - beta1 ** s for s in steps], [1 - beta2 ** s for s in steps]
+        else:  # the same moments, then kept or not on the device: new * keep + old * (1 - keep), exact for 0 and 1
+            moved_m = torch._foreach_lerp(m, grads, 1 - beta1)
+            moved_v = torch._foreach_mul(v, beta2)
+            torch._foreach_addcmul_(moved_v, grads, grads, value=1 - beta2)
+            for old, new in ((m, moved_m), (v, moved_v)):
+                torch._foreach_mul_(new, keep)
+                torch._foreach_mul_(old, 1.0 - keep)
+                torch._foreach_add_(old, new)
+            # In float64 as the host's Python floats are; a first step that was skipped leaves the count at 0, and
+            # the clamp keeps 0 / 0 out of the (then discarded) update.
+            steps = torch.stack([self.state[p]["step"] for p in params]).double().clamp_min(1)
+            corrections1 = list((1 - beta1 ** steps).float().unbind())
+            corrections2 = list((1 - beta2 ** steps).float().unbind())
+        m_hat = torch._foreach_div(m, corrections1)
+        denom = torch._foreach_sqrt(torch._foreach_div(v, corrections2))
         torch._foreach_add_(denom, group["eps"])
         updates = torch._foreach_div(m_hat, denom)
         if group["weight_decay"] != 0:
             torch._foreach_add_(updates, params, alpha=group["weight_decay"])
             updates = _scaled(updates, _trust_ratios(params, updates, 1.0))
+        if keep is not None:
+            torch._foreach_mul_(updates, keep)
         torch._foreach_add_(params, updates, alpha=-group["lr"])
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_shards, tiny_config
 from ssltrain.checkpoint import load_checkpoint
@@ -110,7 +111,17 @@ def _lars(model: nn.Module) -> torch.optim.Optimizer:
                 weight_decay=0.01, eta=0.02)
 
 
-@pytest.mark.parametrize("make_optimizer", [_adamw, _lars], ids=["fused_adamw", "lars"])
+def _lamb(model: nn.Module) -> torch.optim.Optimizer:
+    """ssltrain's LAMB with a decayed group (trust ratio) and one without weight decay (plain Adam step)."""
+    decayed = [p for p in model.parameters() if p.dim() > 1]
+    excluded = [p for p in model.parameters() if p.dim() <= 1]
+    return LAMB([{"params": decayed}, {"params": excluded, "weight_decay": 0.0}], lr=0.05, weight_decay=0.01)
+
+
+OPTIMIZERS = pytest.mark.parametrize("make_optimizer", [_adamw, _lars, _lamb], ids=["fused_adamw", "lars", "lamb"])
+
+
+@OPTIMIZERS
 def test_deferred_updates_equal_host_decided_updates(make_optimizer) -> None:
     """Same weights, optimizer state, teacher and BN buffers after a mix of finite and non-finite steps (the first
     one skipped too: LARS then creates its momentum buffers at 0)."""
@@ -133,6 +144,39 @@ def test_deferred_updates_equal_host_decided_updates(make_optimizer) -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+class _HostReads(TorchDispatchMode):
+    """Records the ops that copy a device value to the host: ``.item()``, ``bool(t)``, a tensor passed where a
+    Scalar is expected (``_foreach_lerp_``'s weight). On CUDA each is a sync; here on CPU they are seen the same."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@OPTIMIZERS
+def test_deferred_step_reads_nothing_back_to_the_host(make_optimizer) -> None:
+    """The claim behind train.finite_check=deferred, checked without a GPU: snapshot of the norm statistics, flag,
+    optimizer and EMA teacher dispatch no device-to-host read (the CUDA test below checks the same on a GPU)."""
+    model = _model()
+    teacher = frozen_copy(model)
+    optimizer = make_optimizer(model)
+    guard = FiniteGuard("deferred", optimizer, torch.device("cpu"))
+    for poison in (True, False, True, False):  # a skipped first step, then both kinds
+        optimizer.zero_grad(set_to_none=True)
+        guard.begin_step(model)
+        loss = _backward(model, poison)
+        with _HostReads() as recorder:
+            guard.begin_step(model)
+            guard.apply(loss, model, lambda gate: (optimizer.step(), ema_update(teacher, model, 0.9, gate)))
+        assert recorder.reads == [], (poison, recorder.reads)
+    assert guard.check().total == 2
+
+
 def test_nonfinite_flag_sees_loss_and_gradients() -> None:
     model = _model()
     loss = _backward(model, poison=False)
@@ -145,8 +189,8 @@ def test_nonfinite_flag_sees_loss_and_gradients() -> None:
 
 def test_deferred_needs_an_optimizer_that_skips_on_the_device() -> None:
     model = _model()
-    with pytest.raises(ConfigError, match="LAMB cannot.*optim.name=adamw with optim.impl=native"):
-        FiniteGuard("deferred", LAMB(model.parameters(), lr=0.1), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="RMSprop cannot.*optim.impl=native"):
+        FiniteGuard("deferred", torch.optim.RMSprop(model.parameters(), lr=0.1), torch.device("cpu"))
 
 
 def _read(path: Path) -> list[dict]:
