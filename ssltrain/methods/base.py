@@ -45,11 +45,10 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, gate: Te
         for t, s in zip(teacher.buffers(), student.buffers()):
             t.copy_(s)
         return
-    # lerp as t + w * (s - t): _foreach_lerp_ takes its weight as a Scalar, and a tensor passed there is read back
-    # to the host (.item(), a device sync); _foreach_mul_ has a Tensor overload.
-    moved = torch._foreach_sub(s_params, t_params)
-    torch._foreach_mul_(moved, (1.0 - momentum) * gate.to(t_params[0].device))
-    torch._foreach_add_(t_params, moved)
+    # A 0-d tensor passed as _foreach_lerp_'s Scalar weight is read back to the host (.item(), a device sync); the
+    # List overload takes tensors (broadcast per parameter) and computes the host path's lerp bit for bit.
+    weight = (1.0 - momentum) * gate.to(t_params[0].device)
+    torch._foreach_lerp_(t_params, s_params, [weight] * len(t_params))
     keep = gate.to(dtype=torch.bool)
     for t, s in zip(teacher.buffers(), student.buffers()):
         t.copy_(torch.where(keep.to(t.device), s, t))
