@@ -123,12 +123,12 @@ def test_fsdp_equals_one_process(tmp_path: Path, data: str, single: dict, method
     assert_close(params(cfg.run_dir), single[method])
 
 
-@pytest.mark.parametrize("optimizer,lr", [("adamw", 0.01), ("lars", 0.5)])
+@pytest.mark.parametrize("optimizer,lr", [("adamw", 0.01), ("lars", 0.5), ("lamb", 0.01)])
 def test_deferred_finite_check_equals_host_check_under_fsdp(tmp_path: Path, data: str, optimizer: str,
                                                             lr: float) -> None:
-    """The device-side skip (fused AdamW's found_inf, LARS's masked update, both on DTensor shards; the gated EMA of a
-    sharded teacher; the flag all-reduced without a host read) makes the host-side check's updates, a NaN step
-    included."""
+    """The device-side skip (fused AdamW's found_inf, LARS's and LAMB's masked updates, on DTensor shards; the
+    gated EMA of a sharded teacher; the flag all-reduced without a host read) makes the host-side check's updates, a
+    NaN step included."""
     runs = {}
     for mode in ("step", "deferred"):
         config, runs[mode] = write_config(tmp_path, mode, data, **{
