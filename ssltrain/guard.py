@@ -56,6 +56,13 @@ def norm_statistics(model: nn.Module) -> list[Tensor]:
             for b in m.buffers(recurse=False)]
 
 
+def copy_where(condition: Tensor, targets: list[Tensor], sources: list[Tensor]) -> None:
+    """``target <- source`` where the 0-d bool ``condition`` holds, on the device (no host read). ``torch.where``,
+    not a blend by multiplication: a NaN target times 0 would stay NaN."""
+    for target, source in zip(targets, sources):
+        target.copy_(torch.where(condition.to(target.device), source, target))
+
+
 def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step`` honours a ``found_inf`` tensor: torch's fused Adam/AdamW/SGD, ssltrain's LARS and LAMB."""
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False)
@@ -123,9 +130,7 @@ class FiniteGuard:
         total, run, longest = self._counts.unbind()
         run_now = (run + flag) * flag  # consecutive non-finite steps, 0 after a finite one
         self._counts.copy_(torch.stack([total + flag, run_now, torch.maximum(longest, run_now)]))
-        skip = flag.to(dtype=torch.bool)
-        for current, saved in zip(self._statistics, self._saved):
-            current.copy_(torch.where(skip.to(current.device), saved, current))
+        copy_where(flag.to(dtype=torch.bool), self._statistics, self._saved)
         self.optimizer.found_inf = flag
         try:
             update(1.0 - flag)

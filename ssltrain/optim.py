@@ -53,6 +53,11 @@ def _trust_ratios(params: list[Tensor], updates: list[Tensor], eta: float) -> li
     return list(_trust_ratio(param_norms, update_norms, eta).unbind())
 
 
+def _zero_nonfinite(tensors: list[Tensor]) -> list[Tensor]:
+    """Copies with NaN and inf entries set to 0, before a device-side skip masks them (NaN * 0 is NaN)."""
+    return [torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in tensors]
+
+
 def _scaled(updates: list[Tensor], ratios: list[Tensor]) -> list[Tensor]:
     """Each update times its ratio: one multi-tensor kernel for plain tensors, per tensor for DTensors."""
     if any(_is_dtensor(u) for u in updates):
@@ -126,8 +131,8 @@ class LARS(_MultiTensorOptimizer):
     def _update_group(self, group: dict, params: list[Tensor]) -> None:
         updates = [p.grad for p in params]
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None:  # NaN * 0 is NaN: zero the non-finite entries before masking
-            updates = [torch.nan_to_num(u, nan=0.0, posinf=0.0, neginf=0.0) for u in updates]
+        if found_inf is not None:
+            updates = _zero_nonfinite(updates)
         if not group["exclude"]:
             updates = torch._foreach_add(updates, params, alpha=group["weight_decay"])
             updates = _scaled(updates, _trust_ratios(params, updates, group["eta"]))
@@ -160,8 +165,8 @@ class LAMB(_MultiTensorOptimizer):
         found_inf = getattr(self, "found_inf", None)
         keep = None if found_inf is None else 1.0 - found_inf.to(params[0].device)
         grads = [p.grad for p in params]
-        if keep is not None:  # a skipped step's gradients become 0 (non-finite entries first: NaN * 0 is NaN)
-            grads = torch._foreach_mul([torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads], keep)
+        if keep is not None:  # a skipped step's gradients become 0
+            grads = torch._foreach_mul(_zero_nonfinite(grads), keep)
         for p in params:
             state = self.state[p]
             if not state:

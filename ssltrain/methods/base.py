@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ssltrain.data.loader import Views
 from ssltrain.distributed import gather, local_rows, world_size
+from ssltrain.guard import copy_where
 from ssltrain.models.heads import MLP
 from ssltrain.monitors import embedding_monitors
 
@@ -49,9 +50,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, gate: Te
     # List overload takes tensors (broadcast per parameter) and computes the host path's lerp bit for bit.
     weight = (1.0 - momentum) * gate.to(t_params[0].device)
     torch._foreach_lerp_(t_params, s_params, [weight] * len(t_params))
-    keep = gate.to(dtype=torch.bool)
-    for t, s in zip(teacher.buffers(), student.buffers()):
-        t.copy_(torch.where(keep.to(t.device), s, t))
+    copy_where(gate.to(dtype=torch.bool), list(teacher.buffers()), list(student.buffers()))
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
