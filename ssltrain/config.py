@@ -199,7 +199,7 @@ class DINOConfig:
 class SwAVConfig:
     prototypes: int = 3000
     temperature: float = 0.1
-    epsilon: float = 0.05
+    epsilon: float = 0.05  # official; sharper codes (0.02) kept small data from collapsing (bench/methods.py)
     sinkhorn_iterations: int = 3
     freeze_prototypes_steps: int = 0  # official: 313 (prototypes get no update at first)
     # Past embeddings per global view scored with the batch in Sinkhorn-Knopp, so small batches still spread over
