@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from ssltrain.config import Config, load_config
-from ssltrain.data.pipeline import build_train_loader
+from ssltrain.data.loaders.pipeline import build_train_loader
 from ssltrain.data.shards import write_shards
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from ssltrain import cli
 from ssltrain.config import load_config
 from ssltrain.eval.evaluate import evaluate_run
-from ssltrain.train import train
+from ssltrain.engine.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -75,7 +75,7 @@ def main() -> None:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.set_device(device)
     dist.init_process_group("nccl")
-    from ssltrain.parallel import _apex_parallel
+    from ssltrain.engine.parallelize import _apex_parallel
 
     results = {"native": _step_time("native", args, device)}
     if _apex_parallel() is not None:

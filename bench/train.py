@@ -53,16 +53,16 @@ from PIL import Image
 from torch import nn
 
 from ssltrain.config import Config, load_config
-from ssltrain.data.loader import Views
-from ssltrain.data.pipeline import build_train_loader
+from ssltrain.data.loaders.cpu import Views
+from ssltrain.data.loaders.pipeline import build_train_loader
 from ssltrain.data.shards import write_shards
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
-from ssltrain.guard import FiniteGuard, supports_device_skip
+from ssltrain.engine.guard import FiniteGuard, supports_device_skip
 from ssltrain.methods import build_method
 from ssltrain.models.backbones import build_backbone
-from ssltrain.optim import build_optimizer, scaled_lr, set_lr
-from ssltrain.speed import apply_speed, channels_last_wanted
-from ssltrain.train import autocast_for, optimizer_update, resolve_device
+from ssltrain.engine.optim import build_optimizer, scaled_lr, set_lr
+from ssltrain.engine.speed import apply_speed, channels_last_wanted
+from ssltrain.engine.loop import autocast_for, optimizer_update, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"vicreg": ("configs/vicreg_resnet50_imagenet.yaml", 256), "dino": ("configs/dino_vit_small_imagenet.yaml", 64)}
@@ -252,7 +252,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, data:
     dali_cfg = load_config(ROOT / recipe, [*overrides, "data.loader=dali"])
     try:
         loader, kind = loader_batches(dali_cfg, device, warmup + steps)
-    except Exception as err:  # noqa: BLE001 - e.g. ssltrain.data.dali missing or DALI failing to start
+    except Exception as err:  # noqa: BLE001 - e.g. ssltrain.data.loaders.dali missing or DALI failing to start
         loader, kind = None, f"an error: {type(err).__name__}: {str(err)[:120]}"
     if kind == "DaliLoader":
         run("dali", lambda: ssltrain_run(dali_cfg, trainee, device, iter(loader), steps, warmup),

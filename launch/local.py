@@ -1,6 +1,6 @@
 """torchrun launcher: ``ssltrain train`` on N local processes, or one node of a multi-node run without Slurm.
 
-torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, from which ``ssltrain.train`` builds its process
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, from which ``ssltrain.engine.loop`` builds its process
 group; nothing here touches torch.distributed itself.
 """
 

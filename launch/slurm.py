@@ -1,6 +1,6 @@
 """Slurm launcher: one submitit job per run, one task per GPU, requeued on timeout and preemption.
 
-Why it is this small: everything a restarted job needs is on disk. ``ssltrain.train.train`` resumes from the run's
+Why it is this small: everything a restarted job needs is on disk. ``ssltrain.engine.loop.train`` resumes from the run's
 latest complete checkpoint, and on the pre-deadline signal (``--signal=USR2@<delay>``) it checkpoints at the next step
 boundary on every rank and then hands the signal to submitit's handler, which on rank 0 calls
 :meth:`TrainJob.checkpoint`, runs ``scontrol requeue`` and exits. So the job object carries only the resolved config,
@@ -133,7 +133,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.config_yaml = config_yaml
 
     def __call__(self) -> dict[str, Any]:
-        from ssltrain.train import train  # imported in the job, not at submission: keeps the login side light
+        from ssltrain.engine.loop import train  # imported in the job, not at submission: keeps the login side light
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
         cfg = from_yaml_text(self.config_yaml, "the submitted config")
@@ -161,7 +161,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 def latest_step(run_dir: Path) -> int:
     """Step of the latest committed checkpoint (0 if none), from the directory names and commit markers alone:
     ``Checkpointer()`` would also delete incomplete ones, which is wrong while another process may be writing."""
-    from ssltrain.checkpoint import MARKER, STEP_DIR  # torch: not needed to submit
+    from ssltrain.engine.checkpoint import MARKER, STEP_DIR  # torch: not needed to submit
 
     steps = [int(m.group(1)) for p in (Path(run_dir) / "checkpoints").glob("step-*")
              if (m := STEP_DIR.match(p.name)) and (p / MARKER).is_file()]

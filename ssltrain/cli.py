@@ -11,7 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
-from ssltrain.checkpoint import SINGLE_PROCESS_DCP_WARNING, CheckpointError
+from ssltrain.engine.checkpoint import SINGLE_PROCESS_DCP_WARNING, CheckpointError
 from ssltrain.config import ConfigError, load_config
 from ssltrain.data.shards import DataError
 
@@ -37,7 +37,7 @@ def _write(samples, out: Path, prefix: str, size) -> list[Path]:
 
 
 def cmd_shards(args: argparse.Namespace) -> int | None:
-    from ssltrain.data.ingest import ShardSize
+    from ssltrain.data.ingest.images import ShardSize
 
     if args.source == "verify":
         return cmd_shards_verify(args)
@@ -52,7 +52,7 @@ def cmd_shards(args: argparse.Namespace) -> int | None:
         (out / "classes.json").write_text(json.dumps(list(dataset.classes)))
         return
     if args.source == "video":
-        from ssltrain.data.video import write_video_shards
+        from ssltrain.data.loaders.video import write_video_shards
 
         start = time.perf_counter()
         caps = {"shard_samples": size.samples} if size.samples else {"shard_samples": 1 << 62,
@@ -62,8 +62,8 @@ def cmd_shards(args: argparse.Namespace) -> int | None:
                                     workers=args.workers, **caps)
         log.info("%s in %.1fs", report.summary(), time.perf_counter() - start)
         return None
-    from ssltrain.data import folders
-    from ssltrain.data.ingest import ingest_folder
+    from ssltrain.data.ingest import folders
+    from ssltrain.data.ingest.images import ingest_folder
 
     root = Path(args.inputs[0])
     if args.source == "imagefolder":
@@ -93,7 +93,7 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from ssltrain.train import train
+    from ssltrain.engine.loop import train
 
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, stop_after_steps=args.stop_after_steps)
@@ -101,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from ssltrain.export import export_backbone
+    from ssltrain.eval.export import export_backbone
 
     formats = ("safetensors", "torch") if args.format == "both" else (args.format,)
     for path in export_backbone(Path(args.source), Path(args.out) if args.out else Path(args.source) / "export", formats):
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_launch(sub)
 
-    from ssltrain.profile import add_bench_parser
+    from ssltrain.engine.profile import add_bench_parser
 
     add_bench_parser(sub)
     return parser

@@ -250,7 +250,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """How fast the step runs (ssltrain/speed.py): the same math through other kernels, so rounding may differ."""
+    """How fast the step runs (ssltrain/engine/speed.py): the same math through other kernels, so rounding may differ."""
 
     compile: bool = False  # torch.compile each backbone (each FSDP unit under dist.strategy=fsdp)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
@@ -398,7 +398,7 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
 
 def _check(cfg: Config, source: str) -> None:
     if cfg.data.modality == "video":
-        from ssltrain.data.video import check_video_config  # clips need a video backbone, frames an image one
+        from ssltrain.data.loaders.video import check_video_config  # clips need a video backbone, frames an image one
 
         check_video_config(cfg)
     for key, allowed in _CHOICES.items():

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ssltrain import config as C
-from ssltrain.data.loader import Views
+from ssltrain.data.loaders.cpu import Views
 from ssltrain.methods.barlow_twins import BarlowTwins
 from ssltrain.methods.base import Method
 from ssltrain.methods.byol import BYOL

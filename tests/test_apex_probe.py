@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ssltrain.apex_probe import load_apex
+from ssltrain.engine.apex_probe import load_apex
 
 
 @pytest.fixture

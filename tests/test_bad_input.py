@@ -12,7 +12,7 @@ import pytest
 from conftest import make_shards
 from ssltrain.config import AugmentConfig, CropConfig
 from ssltrain.data.augment import CPURenderer
-from ssltrain.data.loader import AugmentedShards, collate_views
+from ssltrain.data.loaders.cpu import AugmentedShards, collate_views
 from ssltrain.data.shards import DataError, expand_shards, index_path_for, write_shards
 from ssltrain.data.stream import ShardCatalog
 
@@ -65,7 +65,7 @@ def test_nothing_readable_is_an_error(tmp_path: Path) -> None:
 def test_training_on_a_damaged_shard_set_skips_and_counts_every_case(tmp_path: Path) -> None:
     """Every kind of damage in one shard set: the run finishes, metrics.jsonl counts what was lost."""
     from conftest import png_bytes, tiny_config
-    from ssltrain.train import train
+    from ssltrain.engine.loop import train
 
     good = [{"__key__": f"g{i:03d}", "png": png_bytes(i, 16), "cls": i % 5} for i in range(40)]
     bad = [
@@ -94,7 +94,7 @@ def test_training_on_a_damaged_shard_set_skips_and_counts_every_case(tmp_path: P
     last = records[-1]
     assert last["step"] == 6 and last["data_shards_skipped"] == 3
     # Exactly the bad samples the stream reached: corrupt, zero-byte, no image, caption-only, and past the cut.
-    from ssltrain.data.loader import Skipped, read_decoded
+    from ssltrain.data.loaders.cpu import Skipped, read_decoded
     from ssltrain.data.stream import GlobalBatchSampler
 
     with warnings.catch_warnings():

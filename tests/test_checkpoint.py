@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssltrain.checkpoint import (CheckpointError, Checkpointer, load_checkpoint, load_training_state, read_meta,
+from ssltrain.engine.checkpoint import (CheckpointError, Checkpointer, load_checkpoint, load_training_state, read_meta,
                                  rng_state, set_rng_state)
 
 

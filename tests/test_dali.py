@@ -23,8 +23,8 @@ from conftest import tiny_config  # noqa: E402
 from ssltrain.config import AugmentConfig, CropConfig  # noqa: E402
 from ssltrain.data import augment, dali  # noqa: E402
 from ssltrain.data.augment import CPURenderer  # noqa: E402
-from ssltrain.data.dali import DaliLoader, build_dali_loader, draw_params  # noqa: E402
-from ssltrain.data.pipeline import build_train_loader  # noqa: E402
+from ssltrain.data.loaders.dali import DaliLoader, build_dali_loader, draw_params  # noqa: E402
+from ssltrain.data.loaders.pipeline import build_train_loader  # noqa: E402
 from ssltrain.data.shards import write_shards  # noqa: E402
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog, sample_seed  # noqa: E402
 
@@ -222,7 +222,7 @@ def test_dali_views_match_the_cpu_renderer_on_the_real_recipe(mixed_dir: str, tm
 def test_order_resume_and_determinism(mixed_dir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = tiny_config(tmp_path, mixed_dir)
     catalog = ShardCatalog.from_spec(mixed_dir)
-    with caplog.at_level(logging.WARNING, logger="ssltrain.data.dali"):
+    with caplog.at_level(logging.WARNING, logger="ssltrain.data.loaders.dali"):
         full_loader = build_dali_loader(cfg, catalog, GlobalBatchSampler(len(catalog), 8, cfg.seed), CPU)
     assert isinstance(full_loader, DaliLoader) and "CPU mode" in caplog.text
     full = list(full_loader)
@@ -299,7 +299,7 @@ def test_a_batch_dali_cannot_decode_is_rendered_on_the_cpu(damaged_dir: str, tmp
     monkeypatch.setattr(dali, "_dali_decodes_like_pil", lambda img, data: True)  # the truncated JPEG reaches DALI
     cfg = tiny_config(tmp_path, damaged_dir, **{"data.batch_size": 22})
     dali_loader, cpu_loader = loaders(cfg, damaged_dir, 22)
-    with caplog.at_level(logging.WARNING, logger="ssltrain.data.dali"):
+    with caplog.at_level(logging.WARNING, logger="ssltrain.data.loaders.dali"):
         (a,), (b,) = list(dali_loader), list(cpu_loader)
     assert "rendering it on the CPU" in caplog.text
     assert reasons(a.skipped) == reasons(b.skipped) and torch.equal(a.index, b.index)
@@ -310,9 +310,9 @@ def test_a_batch_dali_cannot_decode_is_rendered_on_the_cpu(damaged_dir: str, tmp
 
 
 def test_training_with_the_dali_loader_writes_checkpoints(mixed_dir: str, tmp_path: Path) -> None:
-    from ssltrain.checkpoint import Checkpointer
-    from ssltrain.metrics import read_metrics
-    from ssltrain.train import train
+    from ssltrain.engine.checkpoint import Checkpointer
+    from ssltrain.eval.metrics_log import read_metrics
+    from ssltrain.engine.loop import train
 
     run_dir = train(tiny_config(tmp_path, mixed_dir, **{"data.loader": "dali", "steps": 3, "checkpoint.every": 3,
                                                           "threads": 1}))
@@ -327,7 +327,7 @@ def test_without_dali_the_cpu_loader_is_used_with_a_warning(mixed_dir: str, tmp_
         monkeypatch.setitem(sys.modules, name, None)  # `import nvidia.dali` now raises ImportError
     cfg = tiny_config(tmp_path, mixed_dir, **{"data.loader": "dali"})
     catalog = ShardCatalog.from_spec(mixed_dir)
-    with caplog.at_level(logging.WARNING, logger="ssltrain.data.dali"):
+    with caplog.at_level(logging.WARNING, logger="ssltrain.data.loaders.dali"):
         loader = build_train_loader(cfg, catalog, GlobalBatchSampler(len(catalog), 8, cfg.seed), CPU)
     assert not isinstance(loader, DaliLoader)
     assert "cannot be imported" in caplog.text and "pip install nvidia-dali" in caplog.text

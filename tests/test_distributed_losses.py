@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dist_cases
-from ssltrain.distributed import gather, local_rows, row_offset
+from ssltrain.core.collectives import gather, local_rows, row_offset
 
 pytestmark = pytest.mark.distributed
 

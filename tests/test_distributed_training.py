@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from conftest import make_shards, tiny_config
-from ssltrain.checkpoint import Checkpointer, load_checkpoint, read_meta
+from ssltrain.engine.checkpoint import Checkpointer, load_checkpoint, read_meta
 from ssltrain.config import Config, to_yaml
 from ssltrain.data.record import read_global_batches
-from ssltrain.metrics import read_metrics
-from ssltrain.train import train
+from ssltrain.eval.metrics_log import read_metrics
+from ssltrain.engine.loop import train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -23,8 +23,8 @@ from ssltrain.data.stream import ShardCatalog
 from ssltrain.eval.cli import add_eval_parser, add_report_parser
 from ssltrain.eval.evaluate import EvalOptions, evaluate_run, format_table, latest_checkpoint
 from ssltrain.eval.features import extract_features
-from ssltrain.metrics import read_metrics
-from ssltrain.train import train
+from ssltrain.eval.metrics_log import read_metrics
+from ssltrain.engine.loop import train
 
 TRANSFORM = EvalTransform(16, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
 

@@ -12,11 +12,11 @@ import torchvision
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from ssltrain.checkpoint import load_checkpoint
+from ssltrain.engine.checkpoint import load_checkpoint
 from ssltrain.cli import main
 from ssltrain.config import from_yaml_text
 from ssltrain.methods import build_method
-from ssltrain.train import train
+from ssltrain.engine.loop import train
 
 
 def ssltrain_backbone(run: Path) -> torch.nn.Module:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssltrain.data.folders import imagefolder_samples, unlabeled_samples
+from ssltrain.data.ingest.folders import imagefolder_samples, unlabeled_samples
 from ssltrain.data.shards import DataError, iter_members, read_index, write_shards
 
 

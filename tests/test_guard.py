@@ -1,4 +1,4 @@
-"""The non-finite guard (ssltrain/guard.py): deferred (device-side) skips make the same updates as host-side ones."""
+"""The non-finite guard (ssltrain/engine/guard.py): deferred (device-side) skips make the same updates as host-side ones."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_shards, tiny_config
-from ssltrain.checkpoint import load_checkpoint
+from ssltrain.engine.checkpoint import load_checkpoint
 from ssltrain.config import ConfigError
-from ssltrain.guard import FiniteGuard, nonfinite_flag
+from ssltrain.engine.guard import FiniteGuard, nonfinite_flag
 from ssltrain.methods.base import ema_update, frozen_copy
-from ssltrain.optim import LAMB, LARS
-from ssltrain.train import train
+from ssltrain.engine.optim import LAMB, LARS
+from ssltrain.engine.loop import train
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ from typing import Callable
 import pytest
 import torch
 
-from ssltrain.checkpoint import MARKER, load_checkpoint
+from ssltrain.engine.checkpoint import MARKER, load_checkpoint
 from ssltrain.cli import main as ssltrain_main
 from ssltrain.config import Config, load_config, to_yaml
 from ssltrain.launch import local, slurm
-from ssltrain.metrics import read_metrics
+from ssltrain.eval.metrics_log import read_metrics
 
 START_CLUSTER = Path(__file__).parent / "slurm" / "start_cluster.sh"
 SSLTRAIN = Path(sys.executable).parent / "ssltrain"  # the installed command, as the README runs it

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from ssltrain.checkpoint import Checkpointer, load_checkpoint
-from ssltrain.metrics import read_metrics
-from ssltrain.train import train
+from ssltrain.engine.checkpoint import Checkpointer, load_checkpoint
+from ssltrain.eval.metrics_log import read_metrics
+from ssltrain.engine.loop import train
 
 # Small heads so that a step takes well under a second at 16 px.
 METHOD_OVERRIDES: dict[str, dict[str, object]] = {
@@ -123,7 +123,7 @@ def test_loss_impl_triton_matches_eager_through_the_method(name: str) -> None:
         method.loss_impl = impl
         views, index = dist_cases.full_batch(name)
         xs = [v.clone().requires_grad_(True) for v in views]
-        from ssltrain.data.loader import Views
+        from ssltrain.data.loaders.cpu import Views
 
         out = method(Views(xs, [], index, None))
         out["loss"].backward()
@@ -162,7 +162,7 @@ def test_dino_centre_ignores_a_non_finite_teacher_batch() -> None:
     from torch import nn
 
     from ssltrain.config import DINOConfig
-    from ssltrain.data.loader import Views
+    from ssltrain.data.loaders.cpu import Views
     from ssltrain.methods.dino import DINO
 
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ssltrain.losses import logdet_entropy
-from ssltrain.monitors import (
+from ssltrain.eval.representation import (
     alignment, collapse_warnings, embedding_monitors, rankme, singular_values, spectrum, uniformity,
 )
 

@@ -20,9 +20,9 @@ from ssltrain.eval.evaluate import build_models, eval_transform, num_classes_of,
 from ssltrain.eval.features import extract_features
 from ssltrain.eval.knn import knn_accuracy
 from ssltrain.eval.plots import plot_probes
-from ssltrain.metrics import CollapseWatch, WandbSettings, read_metrics, start_wandb
-from ssltrain.monitors import RANKME_WARN, STD_WARN
-from ssltrain.train import train
+from ssltrain.eval.metrics_log import CollapseWatch, WandbSettings, read_metrics, start_wandb
+from ssltrain.eval.representation import RANKME_WARN, STD_WARN
+from ssltrain.engine.loop import train
 from test_train import assert_same_params, final_params
 
 # One thread: on a busy 2-core machine two threads per run oversubscribe the cores (a 1 s run takes 20 s).

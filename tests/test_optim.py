@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ssltrain.config import OptimConfig
-from ssltrain.optim import LARS, build_optimizer, lr_at, param_groups, scaled_lr, set_lr
+from ssltrain.engine.optim import LARS, build_optimizer, lr_at, param_groups, scaled_lr, set_lr
 
 
 def test_lars_step_matches_the_formula() -> None:

@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from conftest import tiny_config
 from ssltrain.config import ConfigError, OptimConfig, load_config
-from ssltrain.optim import LAMB, LARS, _apex_optimizers, build_optimizer, set_lr
-from ssltrain.parallel import _apex_parallel, convert_sync_batchnorm, resolve_sync_bn_impl
-from ssltrain.train import train
+from ssltrain.engine.optim import LAMB, LARS, _apex_optimizers, build_optimizer, set_lr
+from ssltrain.engine.parallelize import _apex_parallel, convert_sync_batchnorm, resolve_sync_bn_impl
+from ssltrain.engine.loop import train
 
 STEPS = 5
 

@@ -15,8 +15,8 @@ from ssltrain.eval.cli import add_report_parser
 from ssltrain.eval.evaluate import EvalOptions, evaluate_run
 from ssltrain.eval.plots import plot_all
 from ssltrain.eval.report import hardware_info, write_report
-from ssltrain.metrics import MetricsLog
-from ssltrain.train import train
+from ssltrain.eval.metrics_log import MetricsLog
+from ssltrain.engine.loop import train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

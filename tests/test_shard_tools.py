@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from ssltrain.cli import main
-from ssltrain.data.folders import imagefolder_samples, unlabeled_samples
-from ssltrain.data.ingest import TAR_MEMBER_OVERHEAD, ShardSize, ingest_folder
+from ssltrain.data.ingest.folders import imagefolder_samples, unlabeled_samples
+from ssltrain.data.ingest.images import TAR_MEMBER_OVERHEAD, ShardSize, ingest_folder
 from ssltrain.data.shards import DataError, index_path_for, iter_members, read_index, write_shards
 from ssltrain.data.verify import verify_shard, verify_shards
 

@@ -15,10 +15,10 @@ import torch
 from conftest import tiny_config
 from ssltrain.config import Config, to_yaml
 from ssltrain.methods import build_method
-from ssltrain.metrics import read_metrics
-from ssltrain.profile import PHASES, run_profile
-from ssltrain.speed import channels_last_wanted, use_channels_last
-from ssltrain.train import train
+from ssltrain.eval.metrics_log import read_metrics
+from ssltrain.engine.profile import PHASES, run_profile
+from ssltrain.engine.speed import channels_last_wanted, use_channels_last
+from ssltrain.engine.loop import train
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -11,7 +11,7 @@ import torch
 from conftest import png_bytes
 from ssltrain.config import AugmentConfig, CropConfig
 from ssltrain.data.augment import CPURenderer
-from ssltrain.data.loader import AugmentedShards, make_loader
+from ssltrain.data.loaders.cpu import AugmentedShards, make_loader
 from ssltrain.data.shards import index_path_for, read_index, scan_tar
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog, epoch_permutation, sample_seed
 

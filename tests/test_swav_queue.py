@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssltrain.config import ConfigError, SwAVConfig, load_config
-from ssltrain.data.loader import Views
+from ssltrain.data.loaders.cpu import Views
 from ssltrain.losses import sinkhorn_knopp
 from ssltrain.methods.swav import SwAV
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from conftest import make_shards, tiny_config
-from ssltrain.checkpoint import CheckpointError, Checkpointer, load_checkpoint
+from ssltrain.engine.checkpoint import CheckpointError, Checkpointer, load_checkpoint
 from ssltrain.config import Config, to_yaml
-from ssltrain.metrics import read_metrics
-from ssltrain.train import train
+from ssltrain.eval.metrics_log import read_metrics
+from ssltrain.engine.loop import train
 
 
 def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -174,7 +174,7 @@ def test_online_linear_probe_learns_on_detached_features(tmp_path: Path) -> None
     # no gradient into the backbone from the probe: the backbone grads equal those of the method's loss alone
     from ssltrain.config import from_yaml_text
     from ssltrain.data.augment import CPURenderer
-    from ssltrain.data.loader import AugmentedShards, collate_views
+    from ssltrain.data.loaders.cpu import AugmentedShards, collate_views
     from ssltrain.data.stream import ShardCatalog
 
     run_cfg = from_yaml_text((run / "config.yaml").read_text())

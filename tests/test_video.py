@@ -17,15 +17,15 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from ssltrain.checkpoint import Checkpointer
+from ssltrain.engine.checkpoint import Checkpointer
 from ssltrain.config import ConfigError
 from ssltrain.data import video
-from ssltrain.data.loader import Sample, Skipped, collate_views
+from ssltrain.data.loaders.cpu import Sample, Skipped, collate_views
 from ssltrain.data.shards import DataError, iter_members, read_index, write_shards
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
-from ssltrain.metrics import read_metrics
+from ssltrain.eval.metrics_log import read_metrics
 from ssltrain.models.backbones import build_backbone
-from ssltrain.train import train
+from ssltrain.engine.loop import train
 
 # ingest settings: 8 fps, 1 s clips (T=8), short side 32
 FPS, CLIP_S, SHORT = 8, 1.0, 32

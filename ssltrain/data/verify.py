@@ -11,7 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ssltrain.data.loader import _DECODE_ERRORS, decode_image
+from ssltrain.data.loaders.cpu import _DECODE_ERRORS, decode_image
 from ssltrain.data.shards import (IMAGE_EXTS, VIDEO_EXTS, DataError, ShardIndex, _parse_index, expand_shards, index_path_for,
                                   iter_members, scan_tar, write_index)
 
@@ -66,7 +66,7 @@ def _check_sample(key: str, data: dict[str, bytes], decode: bool) -> list[str]:
     elif videos and not data[videos[0]]:
         problems.append(f"{key}: video member is empty")
     elif videos and decode:
-        from ssltrain.data.video import FFmpegError, decode_clip, probe
+        from ssltrain.data.loaders.video import FFmpegError, decode_clip, probe
 
         try:
             info = probe(data[videos[0]])

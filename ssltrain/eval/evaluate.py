@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ssltrain.checkpoint import CheckpointError, Checkpointer, load_checkpoint
+from ssltrain.engine.checkpoint import CheckpointError, Checkpointer, load_checkpoint
 from ssltrain.config import Config, from_yaml_text
 from ssltrain.data.augment import EvalTransform
 from ssltrain.data.shards import DataError
@@ -32,8 +32,8 @@ from ssltrain.eval.features import FeatureSet, extract_features, model_fingerpri
 from ssltrain.eval.knn import knn_sweep
 from ssltrain.eval.linear import linear_probe_sweep
 from ssltrain.methods import Method, build_method
-from ssltrain.metrics import MetricsLog
-from ssltrain.monitors import RANKME_WARN, STD_WARN, collapse_warnings, embedding_monitors, spectrum
+from ssltrain.eval.metrics_log import MetricsLog
+from ssltrain.eval.representation import RANKME_WARN, STD_WARN, collapse_warnings, embedding_monitors, spectrum
 
 log = logging.getLogger("ssltrain")
 
@@ -91,7 +91,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
     ``Checkpointer(...)``'s constructor creates the directory and deletes incomplete checkpoints, which would
     delete the one a running trainer is writing; eval and report only look, so they bypass it (as
-    ``ssltrain.checkpoint.load_checkpoint`` does for run directories).
+    ``ssltrain.engine.checkpoint.load_checkpoint`` does for run directories).
     """
     ckpts = Path(run_dir) / "checkpoints"
     if not ckpts.is_dir():

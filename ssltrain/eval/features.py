@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils.data import Subset
 
 from ssltrain.data.augment import EvalTransform
-from ssltrain.data.loader import EvalShards, make_loader
+from ssltrain.data.loaders.cpu import EvalShards, make_loader
 from ssltrain.data.shards import DataError
 from ssltrain.data.stream import ShardCatalog
 

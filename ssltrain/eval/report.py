@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from ssltrain.metrics import read_metrics
-from ssltrain.monitors import RANKME_WARN, STD_WARN, collapse_warnings
+from ssltrain.eval.metrics_log import read_metrics
+from ssltrain.eval.representation import RANKME_WARN, STD_WARN, collapse_warnings
 
 log = logging.getLogger("ssltrain")
 

@@ -13,7 +13,7 @@ def build_method(cfg: Config, num_samples: int | None = None) -> Method:
     online linear probe (``eval.online_linear_classes`` must be resolved by then)."""
     method = _build(cfg, num_samples)
     if cfg.eval.online_linear:
-        from ssltrain.eval.online import OnlineLinearProbe
+        from ssltrain.monitors.online_linear import OnlineLinearProbe
 
         if cfg.eval.online_linear_classes < 1:
             raise ValueError("eval.online_linear needs the number of classes (eval.online_linear_classes)")

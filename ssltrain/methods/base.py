@@ -10,11 +10,11 @@ from itertools import combinations
 import torch
 from torch import Tensor, nn
 
-from ssltrain.data.loader import Views
-from ssltrain.distributed import gather, local_rows, world_size
-from ssltrain.guard import copy_where
+from ssltrain.data.loaders.cpu import Views
+from ssltrain.core.collectives import gather, local_rows, world_size
+from ssltrain.engine.guard import copy_where
 from ssltrain.models.heads import MLP
-from ssltrain.monitors import embedding_monitors
+from ssltrain.eval.representation import embedding_monitors
 
 
 def view_pairs(num_global: int, num_local: int) -> list[tuple[int, int]]:
@@ -37,7 +37,7 @@ def cosine_momentum(base: float, step: int, total_steps: int) -> float:
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, gate: Tensor | None = None) -> None:
     """``teacher <- momentum * teacher + (1 - momentum) * student`` for parameters; buffers are copied.
 
-    ``gate`` (a 0-d tensor, 1 or 0; see ssltrain/guard.py) decides on the device whether the update happens at all.
+    ``gate`` (a 0-d tensor, 1 or 0; see ssltrain/engine/guard.py) decides on the device whether the update happens at all.
     """
     t_params = [p for p in teacher.parameters()]
     s_params = [p.detach() for p in student.parameters()]

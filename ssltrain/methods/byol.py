@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ssltrain.config import BYOLConfig
-from ssltrain.data.loader import Views
+from ssltrain.data.loaders.cpu import Views
 from ssltrain.losses import byol_loss
 from ssltrain.methods.base import Method, cosine_momentum, ema_update, frozen_copy
 from ssltrain.models.heads import MLP

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from ssltrain import kernels
 from ssltrain.config import CISSLConfig
-from ssltrain.data.loader import Views
-from ssltrain.distributed import gather, local_rows, world_size
+from ssltrain.data.loaders.cpu import Views
+from ssltrain.core.collectives import gather, local_rows, world_size
 from ssltrain.methods.base import Method, apply_head, average_terms, view_pairs
 from ssltrain.models.heads import MLP
 

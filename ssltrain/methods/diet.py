@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from ssltrain.config import DIETConfig
-from ssltrain.data.loader import Views
-from ssltrain.distributed import all_reduce_max, all_reduce_sum, gather, rank, scale_grad, world_size
+from ssltrain.data.loaders.cpu import Views
+from ssltrain.core.collectives import all_reduce_max, all_reduce_sum, gather, rank, scale_grad, world_size
 from ssltrain.methods.base import Method
 
 

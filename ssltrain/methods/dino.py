@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from ssltrain.config import DINOConfig
-from ssltrain.data.loader import Views
-from ssltrain.distributed import all_reduce_sum
+from ssltrain.data.loaders.cpu import Views
+from ssltrain.core.collectives import all_reduce_sum
 from ssltrain.losses import dino_loss
 from ssltrain.methods.base import Method, cosine_momentum, ema_update, frozen_copy
 from ssltrain.models.heads import DINOHead
@@ -56,7 +56,7 @@ class DINO(Method):
         count = all_reduce_sum(torch.tensor(float(stacked.shape[0]), device=stacked.device))
         m = self.cfg.center_momentum
         moved = self.center * m + total / count * (1 - m)
-        # A non-finite teacher batch (its step is skipped, see ssltrain/guard.py) must not poison the centre for good;
+        # A non-finite teacher batch (its step is skipped, see ssltrain/engine/guard.py) must not poison the centre for good;
         # decided on the device, the same on every rank (the sums are all-reduced).
         self.center.copy_(torch.where(torch.isfinite(moved).all(), moved, self.center))
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssltrain.config import DISSLConfig
-from ssltrain.data.loader import Views
-from ssltrain.distributed import all_reduce_sum
+from ssltrain.data.loaders.cpu import Views
+from ssltrain.core.collectives import all_reduce_sum
 from ssltrain.losses import dissl_loss, marginal_entropy
 from ssltrain.methods.base import Method, apply_head, average_terms, view_pairs
 from ssltrain.models.heads import MLP

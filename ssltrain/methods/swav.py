@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssltrain.config import SwAVConfig
-from ssltrain.data.loader import Views
-from ssltrain.distributed import gather_no_grad, row_offset
+from ssltrain.data.loaders.cpu import Views
+from ssltrain.core.collectives import gather_no_grad, row_offset
 from ssltrain.losses import sinkhorn_knopp, swav_loss
 from ssltrain.methods.base import Method
 from ssltrain.models.heads import MLP, Prototypes

@@ -30,7 +30,7 @@ from ssltrain.data.shards import DataError
 from ssltrain.data.stream import ShardCatalog
 from ssltrain.eval.evaluate import eval_transform, num_classes_of
 from ssltrain.eval.features import FeatureSet, extract_features, subset_ids
-from ssltrain.distributed import broadcast_buffers, is_distributed
+from ssltrain.core.collectives import broadcast_buffers, is_distributed
 from ssltrain.eval.knn import knn_accuracy
 
 log = logging.getLogger("ssltrain")

@@ -13,7 +13,7 @@ import torch
 
 from ssltrain.config import Config, ConfigError
 from ssltrain.data.augment import CPURenderer
-from ssltrain.data.loader import AugmentedShards, Views, make_loader
+from ssltrain.data.loaders.cpu import AugmentedShards, Views, make_loader
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
 
 
@@ -25,11 +25,11 @@ def build_train_loader(
         raise ConfigError(f"'{cfg.data.train}' holds {catalog.video_samples} video clips; train on them with "
                           f"data.modality=video (and data.video.mode=frames for an image backbone)")
     if cfg.data.modality == "video":
-        from ssltrain.data.video import build_video_loader
+        from ssltrain.data.loaders.video import build_video_loader
 
         return build_video_loader(cfg, catalog, sampler, device)
     if cfg.data.loader == "dali":
-        from ssltrain.data.dali import build_dali_loader
+        from ssltrain.data.loaders.dali import build_dali_loader
 
         return build_dali_loader(cfg, catalog, sampler, device)
     return build_cpu_loader(cfg, catalog, sampler, device)

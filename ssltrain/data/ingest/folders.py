@@ -23,7 +23,7 @@ from typing import Iterator
 
 from PIL import Image
 
-from .shards import IMAGE_EXTS, DataError
+from ssltrain.data.shards import IMAGE_EXTS, DataError
 
 # PIL format name -> the extension the sample is stored under (MPO: the multi-picture JPEG many cameras write)
 _FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "PPM": "ppm"}

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from torch.utils.tensorboard import SummaryWriter
 
 from ssltrain.config import ConfigError
-from ssltrain.monitors import collapse_warnings
+from ssltrain.eval.representation import collapse_warnings
 
 log = logging.getLogger("ssltrain")
 

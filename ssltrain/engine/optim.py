@@ -22,7 +22,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from ssltrain.apex_probe import load_apex
+from ssltrain.engine.apex_probe import load_apex
 from ssltrain.config import ConfigError, OptimConfig
 
 log = logging.getLogger("ssltrain")
@@ -117,7 +117,7 @@ class LARS(_MultiTensorOptimizer):
     Parameter groups with ``exclude=True`` skip weight decay and the trust ratio (plain momentum SGD). Each group
     is updated with multi-tensor kernels: a ResNet-50 step is about ten kernel launches instead of ~1,600.
 
-    A ``found_inf`` attribute (a 0-d tensor, set by ssltrain/guard.py under ``train.finite_check=deferred``) skips
+    A ``found_inf`` attribute (a 0-d tensor, set by ssltrain/engine/guard.py under ``train.finite_check=deferred``) skips
     the step on the device: non-finite gradients are zeroed first, then every write is scaled by ``1 - found_inf``.
     """
 

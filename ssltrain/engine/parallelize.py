@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ssltrain.apex_probe import load_apex
-from ssltrain.distributed import is_distributed, world_size
+from ssltrain.engine.apex_probe import load_apex
+from ssltrain.core.collectives import is_distributed, world_size
 
 log = logging.getLogger("ssltrain")
 

@@ -1,6 +1,6 @@
 """``ssltrain bench --profile CONFIG [overrides]``: where a training step's time goes.
 
-It runs the real loop (``ssltrain.train.train``) for a few steps under ``torch.profiler`` and splits each step's wall
+It runs the real loop (``ssltrain.engine.loop.train``) for a few steps under ``torch.profiler`` and splits each step's wall
 time on rank 0 into disjoint phases that add up to the step:
 
 - ``data``: waiting for the next batch; ``forward``: the Method's modules (backbone, heads, teacher), inputs moved
@@ -205,8 +205,8 @@ def run_profile(config: str | Path | None, overrides: list[str], steps: int = 10
                 trace: Path | None = None) -> StepBreakdown:
     """Train ``warmup + steps + 1`` steps of the config in a temporary run directory; profile ``steps`` of them."""
     from ssltrain.config import load_config
-    from ssltrain.distributed import rank, world_size
-    from ssltrain.train import resolve_device, train
+    from ssltrain.core.collectives import rank, world_size
+    from ssltrain.engine.loop import resolve_device, train
 
     if steps < 1 or warmup < 1:
         raise ValueError(f"--steps and --warmup must be >= 1, got {steps} and {warmup}")

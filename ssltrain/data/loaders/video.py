@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 
 from ssltrain.config import Config, ConfigError
 from ssltrain.data.augment import CPURenderer, ViewRenderer
-from ssltrain.data.loader import Sample, Skipped, Views, make_loader
+from ssltrain.data.loaders.cpu import Sample, Skipped, Views, make_loader
 from ssltrain.data.shards import DataError, read_index, write_shards
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog, sample_seed
 from ssltrain.models.backbones import VIDEO_BACKBONES

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssltrain.distributed import all_reduce_mean_no_grad
+from ssltrain.core.collectives import all_reduce_mean_no_grad
 
 
 class OnlineLinearProbe(nn.Module):

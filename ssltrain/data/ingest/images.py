@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ssltrain.data.folders import FolderSamples, folder_sample
+from ssltrain.data.ingest.folders import FolderSamples, folder_sample
 from ssltrain.data.shards import DataError, index_path_for, read_index, write_shard
 
 log = logging.getLogger("ssltrain")

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ssltrain.config import ConfigError
-from ssltrain.distributed import agree, is_distributed
+from ssltrain.core.collectives import agree, is_distributed
 
 
 def _local_grads(model: nn.Module) -> list[Tensor]:

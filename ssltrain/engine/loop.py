@@ -20,22 +20,22 @@ from tqdm import tqdm
 
 from torch.nn.parallel import DistributedDataParallel
 
-from ssltrain.checkpoint import CheckpointError, Checkpointer, load_training_state
+from ssltrain.engine.checkpoint import CheckpointError, Checkpointer, load_training_state
 from ssltrain.config import Config, ConfigError, config_diff, from_yaml_text, to_dict, to_yaml
-from ssltrain.data.pipeline import build_train_loader
+from ssltrain.data.loaders.pipeline import build_train_loader
 from ssltrain.data.record import SampleRecord
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
-from ssltrain.distributed import agree, all_reduce_sum, barrier, init_distributed
-from ssltrain.eval.online_knn import OnlineKNN
-from ssltrain.guard import FiniteGuard
+from ssltrain.core.collectives import agree, all_reduce_sum, barrier, init_distributed
+from ssltrain.monitors.online_knn import OnlineKNN
+from ssltrain.engine.guard import FiniteGuard
 from ssltrain.methods import build_method
 from ssltrain.methods.base import Method
-from ssltrain.metrics import CollapseWatch, MetricsLog, WandbSettings, require_wandb
-from ssltrain.optim import build_optimizer, lr_at, scaled_lr, set_lr
-from ssltrain.parallel import convert_sync_batchnorm, wrap_model
-from ssltrain.preemption import StopRequest
-from ssltrain.profile import phase, profile_step, time_model_calls
-from ssltrain.speed import apply_speed
+from ssltrain.eval.metrics_log import CollapseWatch, MetricsLog, WandbSettings, require_wandb
+from ssltrain.engine.optim import build_optimizer, lr_at, scaled_lr, set_lr
+from ssltrain.engine.parallelize import convert_sync_batchnorm, wrap_model
+from ssltrain.engine.preemption import StopRequest
+from ssltrain.engine.profile import phase, profile_step, time_model_calls
+from ssltrain.engine.speed import apply_speed
 
 log = logging.getLogger("ssltrain")
 
@@ -133,7 +133,7 @@ def train(cfg: Config, stop_after_steps: int | None = None) -> Path:
     wrapped = wrap_model(model, cfg.dist.strategy, device, bf16_params=cfg.dist.fsdp_bf16_params)
     optimizer = build_optimizer(model, cfg.optim, global_batch, probe_lr=cfg.eval.online_linear_lr)
     peak_lr = scaled_lr(cfg.optim, global_batch)
-    guard = FiniteGuard(cfg.train.finite_check, optimizer, device)  # skips non-finite steps (ssltrain/guard.py)
+    guard = FiniteGuard(cfg.train.finite_check, optimizer, device)  # skips non-finite steps (ssltrain/engine/guard.py)
 
     # --- resume from the latest complete checkpoint ---------------------------------------------------------------
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,

@@ -71,7 +71,7 @@ def use_channels_last(model: nn.Module) -> int:
 def compile_targets(model: nn.Module, strategy: str) -> list[nn.Module]:
     """What ``train.compile`` compiles: FSDP's shard units under fsdp, else each whole backbone."""
     if strategy == "fsdp":
-        from ssltrain.parallel import shard_units
+        from ssltrain.engine.parallelize import shard_units
 
         return shard_units(model)
     return _backbones(model)

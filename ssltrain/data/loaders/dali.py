@@ -44,8 +44,8 @@ from torchvision import transforms as T
 
 from ssltrain.config import Config
 from ssltrain.data.augment import CPURenderer, ViewRenderer
-from ssltrain.data.loader import _DECODE_ERRORS, AugmentedShards, Sample, Skipped, Views, make_loader
-from ssltrain.data.pipeline import build_cpu_loader
+from ssltrain.data.loaders.cpu import _DECODE_ERRORS, AugmentedShards, Sample, Skipped, Views, make_loader
+from ssltrain.data.loaders.pipeline import build_cpu_loader
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog, sample_seed
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from ssltrain.distributed import barrier, broadcast_buffers, is_distributed, rank, world_size
+from ssltrain.core.collectives import barrier, broadcast_buffers, is_distributed, rank, world_size
 
 log = logging.getLogger("ssltrain")
 # DCP says so on every single-process save and load; a single process is a supported, intended use here.
