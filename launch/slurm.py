@@ -159,13 +159,11 @@ class TrainJob(submitit.helpers.Checkpointable):
 
 
 def latest_step(run_dir: Path) -> int:
-    """Step of the latest committed checkpoint (0 if none), from the directory names and commit markers alone:
-    ``Checkpointer()`` would also delete incomplete ones, which is wrong while another process may be writing."""
-    from ssltrain.engine.checkpoint import MARKER, STEP_DIR  # torch: not needed to submit
+    """Step of the latest committed checkpoint (0 if none), read without side effects (and without torch)."""
+    from ssltrain.core.checkpoint_layout import latest_checkpoint
 
-    steps = [int(m.group(1)) for p in (Path(run_dir) / "checkpoints").glob("step-*")
-             if (m := STEP_DIR.match(p.name)) and (p / MARKER).is_file()]
-    return max(steps, default=0)
+    latest = latest_checkpoint(Path(run_dir) / "checkpoints")
+    return int(latest.name.split("-")[1]) if latest is not None else 0
 
 
 def make_executor(cfg: Config, spec: SlurmSpec) -> submitit.SlurmExecutor:

@@ -11,7 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
-from ssltrain.engine.checkpoint import SINGLE_PROCESS_DCP_WARNING, CheckpointError
+from ssltrain.core.checkpoint_layout import SINGLE_PROCESS_DCP_WARNING, CheckpointError
 from ssltrain.config import ConfigError, load_config
 from ssltrain.data.shards import DataError
 

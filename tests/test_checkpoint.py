@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from ssltrain.engine.checkpoint import (CheckpointError, Checkpointer, load_checkpoint, load_training_state, read_meta,
-                                 rng_state, set_rng_state)
+from ssltrain.engine.checkpoint import Checkpointer, load_training_state, rng_state, set_rng_state
+from ssltrain.core.checkpoint_layout import CheckpointError, read_meta
+from ssltrain.core.checkpoints import load_checkpoint
 
 
 def _model_and_optimizer(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ssltrain.core.collectives import DistEnv, _first_slurm_host, backend_for, read_env
+from ssltrain.core.process_group import DistEnv, _first_slurm_host, backend_for, read_env
 
 
 def test_torchrun_variables_win_over_slurm() -> None:

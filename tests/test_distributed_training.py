@@ -19,7 +19,9 @@ import pytest
 import torch
 
 from conftest import make_shards, tiny_config
-from ssltrain.engine.checkpoint import Checkpointer, load_checkpoint, read_meta
+from ssltrain.engine.checkpoint import Checkpointer
+from ssltrain.core.checkpoint_layout import read_meta
+from ssltrain.core.checkpoints import load_checkpoint
 from ssltrain.config import Config, to_yaml
 from ssltrain.data.record import read_global_batches
 from ssltrain.eval.metrics_log import read_metrics

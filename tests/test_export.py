@@ -12,7 +12,7 @@ import torchvision
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from ssltrain.engine.checkpoint import load_checkpoint
+from ssltrain.core.checkpoints import load_checkpoint
 from ssltrain.cli import main
 from ssltrain.config import from_yaml_text
 from ssltrain.methods import build_method

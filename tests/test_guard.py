@@ -13,10 +13,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_shards, tiny_config
-from ssltrain.engine.checkpoint import load_checkpoint
+from ssltrain.core.checkpoints import load_checkpoint
 from ssltrain.config import ConfigError
 from ssltrain.engine.guard import FiniteGuard, nonfinite_flag
-from ssltrain.methods.base import ema_update, frozen_copy
+from ssltrain.models.ema import ema_update, frozen_copy
 from ssltrain.engine.optim import LAMB, LARS
 from ssltrain.engine.loop import train
 

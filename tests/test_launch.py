@@ -17,7 +17,8 @@ from typing import Callable
 import pytest
 import torch
 
-from ssltrain.engine.checkpoint import MARKER, load_checkpoint
+from ssltrain.core.checkpoint_layout import MARKER
+from ssltrain.core.checkpoints import load_checkpoint
 from ssltrain.cli import main as ssltrain_main
 from ssltrain.config import Config, load_config, to_yaml
 from ssltrain.launch import local, slurm

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from ssltrain.engine.checkpoint import Checkpointer, load_checkpoint
+from ssltrain.engine.checkpoint import Checkpointer
+from ssltrain.core.checkpoints import load_checkpoint
 from ssltrain.eval.metrics_log import read_metrics
 from ssltrain.engine.loop import train
 

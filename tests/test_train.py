@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from conftest import make_shards, tiny_config
-from ssltrain.engine.checkpoint import CheckpointError, Checkpointer, load_checkpoint
+from ssltrain.engine.checkpoint import Checkpointer
+from ssltrain.core.checkpoint_layout import CheckpointError
+from ssltrain.core.checkpoints import load_checkpoint
 from ssltrain.config import Config, to_yaml
 from ssltrain.eval.metrics_log import read_metrics
 from ssltrain.engine.loop import train

@@ -43,21 +43,17 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from ssltrain.core.checkpoint_layout import (
+    FORMAT, SINGLE_PROCESS_DCP_WARNING, MARKER, META_FILE, STEP_DIR, CheckpointError, complete_checkpoints, latest_checkpoint, read_meta,
+)
+from ssltrain.core.checkpoints import SafeReader
 from ssltrain.core.collectives import barrier, broadcast_buffers, is_distributed, rank, world_size
 
 log = logging.getLogger("ssltrain")
 # DCP says so on every single-process save and load; a single process is a supported, intended use here.
-SINGLE_PROCESS_DCP_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 warnings.filterwarnings("ignore", message=SINGLE_PROCESS_DCP_WARNING)
 
-STEP_DIR = re.compile(r"^step-(\d+)$")
-MARKER = "COMPLETE"
-META_FILE = "meta.json"
-FORMAT = 2
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint exists but cannot be used; resuming from scratch silently would lose the run."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -100,45 +96,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --- safe reading of DCP metadata -----------------------------------------------------------------------------------
-
-_ALLOWED_GLOBALS = {
-    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
-    ("collections", "OrderedDict"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits DCP's metadata classes, torch dtypes and sizes; anything else in ``.metadata`` is refused."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem") or \
-                (module, name) in _ALLOWED_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a checkpoint never needs")
-
-
-class SafeReader(dcp.FileSystemReader):
-    """FileSystemReader whose metadata unpickling admits only DCP's own classes, and which refuses pickled objects."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = Path(self.path) / ".metadata"
-        try:
-            with open(path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as err:
-            raise CheckpointError(f"cannot read '{path}': {err}") from err
-        pickled = [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
-        if pickled:
-            raise CheckpointError(f"'{path.parent}' holds pickled objects ({pickled[0]}, ...); ssltrain checkpoints hold "
-                                  "tensors only and pickles are not loaded")
-
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
 
 
 # --- model/optimizer state with ssltrain's own row-sharded parameters -----------------------------------------------
@@ -243,17 +200,10 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
     def complete(self) -> list[tuple[int, Path]]:
-        found = []
-        if self.directory.is_dir():
-            for path in self.directory.iterdir():
-                match = STEP_DIR.match(path.name)
-                if match and (path / MARKER).is_file():
-                    found.append((int(match.group(1)), path))
-        return sorted(found)
+        return complete_checkpoints(self.directory)
 
     def latest(self) -> Path | None:
-        done = self.complete()
-        return done[-1][1] if done else None
+        return latest_checkpoint(self.directory)
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> Path:
         """Write step ``step`` (every rank calls this); returns its directory, committed unless async."""
@@ -307,23 +257,6 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def _check_complete(path: Path) -> Path:
-    path = Path(path)
-    if not (path / MARKER).is_file():
-        raise CheckpointError(f"'{path}' is not a complete checkpoint (no {MARKER} marker): it was being written when "
-                              "the run stopped. Use an earlier step directory, or the run directory to take the latest.")
-    return path
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    path = _check_complete(path)
-    try:
-        return json.loads((path / META_FILE).read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read '{path / META_FILE}': {err}. Delete '{path}' to resume from the previous "
-                              "checkpoint.") from err
-
-
 def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load model and optimizer in place (resharded to this world size), this rank's RNG; returns meta.json."""
     meta = read_meta(path)
@@ -370,30 +303,3 @@ def _padded_like(model: nn.Module, fqn: str, rows: Tensor) -> Tensor:
     return out
 
 
-def load_checkpoint(path: Path, parts: tuple[str, ...] = ("model",)) -> dict[str, Any]:
-    """A checkpoint gathered whole into this process, for eval and export: ``{"model": full state dict,
-    **meta.json}`` (add ``"optim"`` to ``parts`` for the optimizer state, keyed by parameter name).
-
-    ``path`` is a step directory or a run directory (its latest complete checkpoint).
-    """
-    path = Path(path)
-    if not STEP_DIR.match(path.name):
-        latest = Checkpointer.__new__(Checkpointer)
-        latest.directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        found = latest.latest()
-        if found is None:
-            raise CheckpointError(f"no complete checkpoint under '{path}'; train first, or give a step-<N> directory")
-        path = found
-    meta = read_meta(path)
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    state: dict[str, Any] = {}
-    try:
-        _load_state_dict(state, storage_reader=SafeReader(str(path)),
-                         planner=_EmptyStateDictLoadPlanner(keys=set(parts)), no_dist=True)
-    except CheckpointError:
-        raise
-    except (Exception, CheckpointException) as err:  # noqa: BLE001 (DCP's CheckpointException is a BaseException)
-        raise CheckpointError(f"cannot load checkpoint '{path}': {type(err).__name__}: {err}") from err
-    return {**state, "path": str(path), **meta}

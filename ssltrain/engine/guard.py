@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ssltrain.config import ConfigError
 from ssltrain.core.collectives import agree, is_distributed
+from ssltrain.models.ema import copy_where
 
 
 def _local_grads(model: nn.Module) -> list[Tensor]:
@@ -54,13 +55,6 @@ def norm_statistics(model: nn.Module) -> list[Tensor]:
     (SyncBatchNorm and apex's included; EMA teachers' too, as they are submodules of the method)."""
     return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
             for b in m.buffers(recurse=False)]
-
-
-def copy_where(condition: Tensor, targets: list[Tensor], sources: list[Tensor]) -> None:
-    """``target <- source`` where the 0-d bool ``condition`` holds, on the device (no host read). ``torch.where``,
-    not a blend by multiplication: a NaN target times 0 would stay NaN."""
-    for target, source in zip(targets, sources):
-        target.copy_(torch.where(condition.to(target.device), source, target))
 
 
 def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:

@@ -25,7 +25,9 @@ from ssltrain.config import Config, ConfigError, config_diff, from_yaml_text, to
 from ssltrain.data.loaders.pipeline import build_train_loader
 from ssltrain.data.record import SampleRecord
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
-from ssltrain.core.collectives import agree, all_reduce_sum, barrier, init_distributed
+from ssltrain.core.collectives import agree, all_reduce_sum, barrier
+from ssltrain.core.device import autocast_for, resolve_device
+from ssltrain.core.process_group import init_distributed
 from ssltrain.monitors.online_knn import OnlineKNN
 from ssltrain.engine.guard import FiniteGuard
 from ssltrain.methods import build_method
@@ -38,22 +40,6 @@ from ssltrain.engine.profile import phase, profile_step, time_model_calls
 from ssltrain.engine.speed import apply_speed
 
 log = logging.getLogger("ssltrain")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but no CUDA device is visible; use device=cpu or device=auto")
-    return torch.device(name)
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU by default; fp32 on CPU (bf16 matmuls are slow there and change the numbers)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def optimizer_update(model: Method, optimizer: torch.optim.Optimizer, grad_clip: float, step: int, total_steps: int,

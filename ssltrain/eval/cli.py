@@ -87,7 +87,8 @@ def options_from_args(args: argparse.Namespace) -> "EvalOptions":
 
 def _init_distributed_from_env(device: str | None) -> bool:
     """Join the torchrun/Slurm process group when there is one and none exists yet; True if we created it."""
-    from ssltrain.core.collectives import init_distributed, is_distributed
+    from ssltrain.core.collectives import is_distributed
+    from ssltrain.core.process_group import init_distributed
 
     if is_distributed():
         return False
@@ -107,7 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         results = evaluate_target(target, opts)
     finally:
         if created:
-            from ssltrain.core.collectives import shutdown
+            from ssltrain.core.process_group import shutdown
 
             shutdown()
     if not results:  # a rank other than 0

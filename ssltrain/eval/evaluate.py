@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ssltrain.engine.checkpoint import CheckpointError, Checkpointer, load_checkpoint
+from ssltrain.core.checkpoint_layout import CheckpointError, latest_checkpoint
+from ssltrain.core.checkpoints import load_checkpoint
 from ssltrain.config import Config, from_yaml_text
 from ssltrain.data.augment import EvalTransform
 from ssltrain.data.shards import DataError
@@ -84,21 +85,6 @@ def load_run_config(run_dir: Path) -> Config:
     if not path.is_file():
         raise FileNotFoundError(f"'{run_dir}' is not a run directory (no config.yaml); pass runs/<name>")
     return from_yaml_text(path.read_text(), str(path))
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The run's latest complete checkpoint, found without side effects.
-
-    ``Checkpointer(...)``'s constructor creates the directory and deletes incomplete checkpoints, which would
-    delete the one a running trainer is writing; eval and report only look, so they bypass it (as
-    ``ssltrain.engine.checkpoint.load_checkpoint`` does for run directories).
-    """
-    ckpts = Path(run_dir) / "checkpoints"
-    if not ckpts.is_dir():
-        return None
-    finder = Checkpointer.__new__(Checkpointer)
-    finder.directory = ckpts
-    return finder.latest()
 
 
 def _config(state: dict[str, Any], source: Path, run_cfg: Config | None) -> Config:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ssltrain.engine.checkpoint import load_checkpoint
+from ssltrain.core.checkpoints import load_checkpoint
 from ssltrain.config import Config, from_yaml_text
 
 log = logging.getLogger("ssltrain")

@@ -146,7 +146,8 @@ def _training_warnings(records: list[dict[str, Any]], rankme_min: float, std_min
 
 def write_report(run_dir: Path, compute_spectrum_if_missing: bool = True, spectrum_images: int = 1024) -> Path:
     """Write ``report.md`` and ``plots/*.png`` for the run; returns the report's path."""
-    from ssltrain.eval.evaluate import latest_checkpoint, load_run_config
+    from ssltrain.core.checkpoint_layout import latest_checkpoint
+    from ssltrain.eval.evaluate import load_run_config
     from ssltrain.eval.plots import plot_all
 
     run_dir = Path(run_dir)

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from ssltrain.config import BYOLConfig
 from ssltrain.data.loaders.cpu import Views
 from ssltrain.losses import byol_loss
-from ssltrain.methods.base import Method, cosine_momentum, ema_update, frozen_copy
+from ssltrain.methods.base import Method
+from ssltrain.models.ema import cosine_momentum, ema_update, frozen_copy
 from ssltrain.models.heads import MLP
 
 

@@ -15,7 +15,8 @@ from ssltrain.config import DINOConfig
 from ssltrain.data.loaders.cpu import Views
 from ssltrain.core.collectives import all_reduce_sum
 from ssltrain.losses import dino_loss
-from ssltrain.methods.base import Method, cosine_momentum, ema_update, frozen_copy
+from ssltrain.methods.base import Method
+from ssltrain.models.ema import cosine_momentum, ema_update, frozen_copy
 from ssltrain.models.heads import DINOHead
 
 
