@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # CPU development pins; pyproject.toml admits the GPU images' torch 2.11 / torchvision 0.26 too.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(BIN)/ssltrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,14 @@ demo: install
 	$(BIN)/ssltrain eval runs/demo
 
 # video_setup.sh installs Debian's ffmpeg when it is missing (the video tests decode real clips with it).
-test: install
+# Lint, format, types and the import layering (.importlinter); `make test` runs it first.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python tools/lint_imports.py
+
+test: install lint
 	bash tests/video_setup.sh
 	$(BIN)/python -m pytest -q tests
 
