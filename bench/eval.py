@@ -25,23 +25,23 @@ initialised (no weights are downloaded).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
 import tempfile
 import time
+from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
+from ssltrain.core.device import resolve_device
 from ssltrain.data.augment import EvalTransform
+from ssltrain.data.embedded import synthetic_jpeg
 from ssltrain.data.shards import write_shards
 from ssltrain.data.stream import ShardCatalog
-from ssltrain.eval.features import extract_features, resolve_device
+from ssltrain.eval.features import extract_features
 from ssltrain.eval.knn import knn_accuracy, knn_sweep
 from ssltrain.eval.linear import linear_probe, linear_probe_sweep
 from ssltrain.models.backbones import build_backbone
@@ -51,23 +51,15 @@ KS = (10, 20, 100)
 LRS, WDS = (0.01, 0.1, 1.0), (1e-5, 1e-3)
 
 
-def _jpeg(args: tuple[int, int, int]) -> dict:
-    i, size, classes = args
-    rng = np.random.default_rng(i)
-    coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((size, size), Image.BILINEAR)
-    arr = np.asarray(coarse, dtype=np.int16) + rng.integers(-20, 21, (size, size, 3), dtype=np.int16)
-    buf = io.BytesIO()
-    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
-    return {"__key__": f"{i:08d}", "jpg": buf.getvalue(), "cls": int(rng.integers(0, classes))}
-
-
 def ensure_shards(directory: Path, images: int, size: int, classes: int, procs: int) -> str:
     """Synthetic labeled JPEG shards, written once per (images, size, classes) and reused."""
     out = directory / f"jpeg-{images}-{size}px-{classes}c"
     if not any(out.glob("val-*.tar")):
         start = time.perf_counter()
         with Pool(procs) as pool:
-            samples = pool.imap(_jpeg, ((i, size, classes) for i in range(images)), chunksize=64)
+            samples = pool.imap(
+                partial(synthetic_jpeg, width=size, height=size, classes=classes), range(images), chunksize=64
+            )
             write_shards(samples, out, "val", max_count=5000)
         print(f"wrote {images} synthetic {size}px JPEGs to {out} in {time.perf_counter() - start:.1f}s", flush=True)
     return str(out / "val-*.tar")
@@ -140,8 +132,11 @@ def main() -> None:
     if cuda:
         torch.backends.cudnn.benchmark = True
     gpu = torch.cuda.get_device_name(device) if cuda else None
-    print(f"device: {gpu or 'cpu'}; torch {torch.__version__}; {os.cpu_count()} CPUs, {torch.get_num_threads()} "
-          f"threads; {args.workers} loader workers", flush=True)
+    print(
+        f"device: {gpu or 'cpu'}; torch {torch.__version__}; {os.cpu_count()} CPUs, {torch.get_num_threads()} "
+        f"threads; {args.workers} loader workers",
+        flush=True,
+    )
     rows: list[tuple[str, str, str]] = []
     figures: dict[str, float | int | str] = {"device": gpu or "cpu", "torch": torch.__version__}
 
@@ -155,18 +150,34 @@ def main() -> None:
     ceiling = model_only(model, device, args.batch_size, args.size, seconds=3.0 if cuda else 8.0)
     rows.append((f"model only ({args.backbone}, batch {args.batch_size})", f"{ceiling:,.0f} images/s", "-"))
     with tempfile.TemporaryDirectory() as cache:
-        kw = dict(batch_size=args.batch_size, workers=args.workers, device=device, cache_dir=Path(cache),
-                  require_labels=True)
+        kw = dict(
+            batch_size=args.batch_size, workers=args.workers, device=device, cache_dir=Path(cache), require_labels=True
+        )
         cold = extract_features(model, catalog, transform, **kw)
         warm = extract_features(model, catalog, transform, **kw)
     assert warm.cached and torch.equal(warm.x, cold.x)
     cold_rate = len(cold) / cold.seconds
-    rows.append((f"extract, no cache ({len(cold)} images, {feat_dim}-d)", f"{cold_rate:,.0f} images/s",
-                 f"{cold_rate / ceiling:.2f}x of model only"))
-    rows.append(("extract, cache hit", f"{warm.seconds * 1e3:,.1f} ms ({len(warm) / warm.seconds:,.0f} images/s)",
-                 f"{cold.seconds / warm.seconds:,.0f}x faster than extracting"))
-    figures.update(images=len(cold), model_only_img_s=ceiling, extract_img_s=cold_rate, extract_s=cold.seconds,
-                   cache_hit_s=warm.seconds)
+    rows.append(
+        (
+            f"extract, no cache ({len(cold)} images, {feat_dim}-d)",
+            f"{cold_rate:,.0f} images/s",
+            f"{cold_rate / ceiling:.2f}x of model only",
+        )
+    )
+    rows.append(
+        (
+            "extract, cache hit",
+            f"{warm.seconds * 1e3:,.1f} ms ({len(warm) / warm.seconds:,.0f} images/s)",
+            f"{cold.seconds / warm.seconds:,.0f}x faster than extracting",
+        )
+    )
+    figures.update(
+        images=len(cold),
+        model_only_img_s=ceiling,
+        extract_img_s=cold_rate,
+        extract_s=cold.seconds,
+        cache_hit_s=warm.seconds,
+    )
 
     # ---- probes
     n, nv, d, c = args.probe_images, args.probe_val, args.dim, args.classes
@@ -179,11 +190,15 @@ def main() -> None:
         _, sep_s = timed(lambda: [knn_accuracy(x, y, xv, yv, c, k=k) for k in KS], device)
         base = f"{sep_s / knn_s:.2f}x faster than 3 separate searches ({sep_s:.2f} s)"
         figures["knn_separate_s"] = sep_s
-    rows.append((f"kNN k={','.join(map(str, KS))} ({what})", f"{knn_s:.2f} s (top-1 k=20: {knn[20]['top1']:.3f})", base))
-    lin, lin_s = timed(lambda: linear_probe_sweep(x, y, xv, yv, c, lrs=LRS, weight_decays=WDS, epochs=args.probe_epochs),
-                       device)
+    rows.append(
+        (f"kNN k={','.join(map(str, KS))} ({what})", f"{knn_s:.2f} s (top-1 k=20: {knn[20]['top1']:.3f})", base)
+    )
+    lin, lin_s = timed(
+        lambda: linear_probe_sweep(x, y, xv, yv, c, lrs=LRS, weight_decays=WDS, epochs=args.probe_epochs), device
+    )
     base = ""
     if not args.no_baselines:
+
         def one_at_a_time() -> None:
             for lr in LRS:
                 for wd in WDS:
@@ -193,10 +208,22 @@ def main() -> None:
         _, seq_s = timed(one_at_a_time, device)
         base = f"{seq_s / lin_s:.2f}x faster than one setting at a time ({seq_s:.1f} s)"
         figures["linear_sequential_s"] = seq_s
-    rows.append((f"linear sweep 3x2 + final, {args.probe_epochs} epochs ({what})",
-                 f"{lin_s:.1f} s (top-1 {lin['top1']:.3f})", base))
-    figures.update(knn_s=knn_s, linear_sweep_s=lin_s, probe_train=n, probe_val=nv, probe_dim=d, probe_classes=c,
-                   probe_epochs=args.probe_epochs)
+    rows.append(
+        (
+            f"linear sweep 3x2 + final, {args.probe_epochs} epochs ({what})",
+            f"{lin_s:.1f} s (top-1 {lin['top1']:.3f})",
+            base,
+        )
+    )
+    figures.update(
+        knn_s=knn_s,
+        linear_sweep_s=lin_s,
+        probe_train=n,
+        probe_val=nv,
+        probe_dim=d,
+        probe_classes=c,
+        probe_epochs=args.probe_epochs,
+    )
 
     width = max(len(r[0]) for r in rows)
     print(f"\n{'measured':<{width}}  {'result':<36}  vs baseline in this run")

@@ -8,8 +8,8 @@ import warnings
 from pathlib import Path
 
 import pytest
-
 from conftest import make_shards
+
 from ssltrain.config import AugmentConfig, CropConfig
 from ssltrain.data.augment import CPURenderer
 from ssltrain.data.loaders.cpu import AugmentedShards, collate_views
@@ -19,7 +19,9 @@ from ssltrain.data.stream import ShardCatalog
 
 def render_all(catalog: ShardCatalog):
     """Push every sample through the training dataset; return the collated batch (bad ones are in .skipped)."""
-    spec = AugmentConfig(global_crops=CropConfig(size=8, blur_p=[0.0], solarize_p=[0.0]), local_crops=CropConfig(count=0))
+    spec = AugmentConfig(
+        global_crops=CropConfig(size=8, blur_p=[0.0], solarize_p=[0.0]), local_crops=CropConfig(count=0)
+    )
     dataset = AugmentedShards(catalog, CPURenderer(spec), seed=0)
     return collate_views([dataset[(i, i)] for i in range(len(catalog))])
 
@@ -57,14 +59,17 @@ def test_nothing_readable_is_an_error(tmp_path: Path) -> None:
         with pytest.raises(DataError, match="no readable samples"):
             ShardCatalog.from_spec(str(tmp_path))
     (tmp_path / "b.tar").write_bytes(b"this is not a tar file at all" * 40)
-    with pytest.warns(UserWarning, match=r"b.tar' is skipped"):
-        with pytest.raises(DataError, match=r"no readable samples.*b.tar': it cannot be read .*not a readable tar file"):
-            ShardCatalog.from_spec(str(tmp_path / "b.tar"))
+    with (
+        pytest.warns(UserWarning, match=r"b.tar' is skipped"),
+        pytest.raises(DataError, match=r"no readable samples.*b.tar': it cannot be read .*not a readable tar file"),
+    ):
+        ShardCatalog.from_spec(str(tmp_path / "b.tar"))
 
 
 def test_training_on_a_damaged_shard_set_skips_and_counts_every_case(tmp_path: Path) -> None:
     """Every kind of damage in one shard set: the run finishes, metrics.jsonl counts what was lost."""
     from conftest import png_bytes, tiny_config
+
     from ssltrain.engine.loop import train
 
     good = [{"__key__": f"g{i:03d}", "png": png_bytes(i, 16), "cls": i % 5} for i in range(40)]
@@ -143,7 +148,12 @@ def test_bad_members_are_skipped_and_counted(tmp_path: Path) -> None:
     batch = render_all(catalog)
     assert batch.batch_size == 1
     assert len(batch.skipped) == 4
-    for key, why in (("corrupt", "cannot decode"), ("zero", "cannot decode"), ("noimage", "no image"), ("badlabel", "not an integer")):
+    for key, why in (
+        ("corrupt", "cannot decode"),
+        ("zero", "cannot decode"),
+        ("noimage", "no image"),
+        ("badlabel", "not an integer"),
+    ):
         (entry,) = [s for s in batch.skipped if f"train-000000.tar:{key}: " in s]
         assert why in entry
 
@@ -158,12 +168,27 @@ def test_malformed_index_names_the_index(tmp_path: Path) -> None:
 def test_cli_reports_a_missing_shard_path_and_exits_2(tmp_path: Path) -> None:
     cfg = Path(__file__).parent.parent / "configs" / "demo.yaml"
     proc = subprocess.run(
-        [sys.executable, "-m", "ssltrain.cli", "train", str(cfg), f"data.train={tmp_path}/none-*.tar", f"out_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "ssltrain.cli",
+            "train",
+            str(cfg),
+            f"data.train={tmp_path}/none-*.tar",
+            f"out_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "error: no shards match" in proc.stderr and "none-*.tar" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "ssltrain.cli", "train", str(cfg), "optim.lr=fast"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ssltrain.cli", "train", str(cfg), "optim.lr=fast"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "bad value for 'optim.lr'" in proc.stderr
 
 

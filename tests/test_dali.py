@@ -20,11 +20,12 @@ from torchvision.transforms.v2 import functional as TF
 pytest.importorskip("nvidia.dali")
 
 from conftest import tiny_config  # noqa: E402
+
 from ssltrain.config import AugmentConfig, CropConfig  # noqa: E402
-from ssltrain.data import augment, dali  # noqa: E402
-from ssltrain.data.augment import CPURenderer  # noqa: E402
-from ssltrain.data.loaders.dali import DaliLoader, build_dali_loader, draw_params  # noqa: E402
-from ssltrain.data.loaders.pipeline import build_train_loader  # noqa: E402
+from ssltrain.data import augment  # noqa: E402
+from ssltrain.data.augment import CPURenderer, ViewParams  # noqa: E402
+from ssltrain.data.loaders import build_train_loader, dali  # noqa: E402
+from ssltrain.data.loaders.dali import DaliLoader, build_dali_loader  # noqa: E402
 from ssltrain.data.shards import write_shards  # noqa: E402
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog, sample_seed  # noqa: E402
 
@@ -45,7 +46,11 @@ def smooth_image(i: int, height: int, width: int) -> np.ndarray:
     """Natural-ish content: smooth colour waves, a different phase and frequency per sample."""
     r = np.random.default_rng(i).random(6)
     y, x = np.mgrid[0:height, 0:width] / max(height, width)
-    waves = [np.sin(6 * x * r[0] + 5 * y * r[1] + 6 * r[2]), np.cos(4 * y * r[3] - 3 * x + 6 * r[4]), np.sin(9 * x * y + 6 * r[5])]
+    waves = [
+        np.sin(6 * x * r[0] + 5 * y * r[1] + 6 * r[2]),
+        np.cos(4 * y * r[3] - 3 * x + 6 * r[4]),
+        np.sin(9 * x * y + 6 * r[5]),
+    ]
     return (np.stack(waves, -1) * 127.5 + 127.5).astype(np.uint8)
 
 
@@ -67,7 +72,13 @@ def mixed_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     samples = []
     for i in range(48):
         fmt = "JPEG" if i % 2 else "PNG"
-        samples.append({"__key__": f"s{i:04d}", fmt.lower().replace("jpeg", "jpg"): encode(smooth_image(i, *shapes[i % 3]), fmt), "cls": i % 4})
+        samples.append(
+            {
+                "__key__": f"s{i:04d}",
+                fmt.lower().replace("jpeg", "jpg"): encode(smooth_image(i, *shapes[i % 3]), fmt),
+                "cls": i % 4,
+            }
+        )
     return write(tmp_path_factory.mktemp("mixed"), samples)
 
 
@@ -91,6 +102,13 @@ def level_diffs(a: list, b: list) -> torch.Tensor:
 # --- the draws -----------------------------------------------------------------------------------------------------
 
 
+def draw_params(renderer: CPURenderer, height: int, width: int, seed: int) -> list[ViewParams]:
+    """The parameters of all views of one sample, as the seeded dataset draws them for DALI."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return renderer.draw(height, width)
+
+
 class Recorder:
     """Stands in for ``transforms.v2.functional`` inside augment.py: applies every call and records its parameters."""
 
@@ -112,8 +130,17 @@ class Recorder:
         ops = {"adjust_brightness": 0, "adjust_contrast": 1, "adjust_saturation": 2, "adjust_hue": 3}
         for name, args in self.calls:
             if name == "resized_crop":
-                views.append({"crop": tuple(args[:4]), "flip": False, "order": [], "factors": {}, "gray": False,
-                              "sigma": None, "solarize": False})
+                views.append(
+                    {
+                        "crop": tuple(args[:4]),
+                        "flip": False,
+                        "order": [],
+                        "factors": {},
+                        "gray": False,
+                        "sigma": None,
+                        "solarize": False,
+                    }
+                )
             elif name == "horizontal_flip":
                 views[-1]["flip"] = True
             elif name in ops:
@@ -128,10 +155,13 @@ class Recorder:
         return views
 
 
-@pytest.mark.parametrize("spec", [
-    AugmentConfig(local_crops=CropConfig(count=3, size=8, scale=[0.05, 0.4], blur_p=[0.5], solarize_p=[0.0])),
-    AugmentConfig(global_crops=CropConfig(size=12, brightness=0.0, hue=0.0, blur_p=[0.3, 1.0], solarize_p=[0.5])),
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        AugmentConfig(local_crops=CropConfig(count=3, size=8, scale=[0.05, 0.4], blur_p=[0.5], solarize_p=[0.0])),
+        AugmentConfig(global_crops=CropConfig(size=12, brightness=0.0, hue=0.0, blur_p=[0.3, 1.0], solarize_p=[0.5])),
+    ],
+)
 def test_host_draws_are_the_cpu_renderers_draws(spec: AugmentConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     renderer = CPURenderer(spec)
     image = torch.from_numpy(smooth_image(0, 30, 40)).permute(2, 0, 1).contiguous()
@@ -170,10 +200,14 @@ def test_host_draws_follow_torchvisions_distributions_and_the_configured_probabi
     assert np.abs(np.quantile(area(ours), q) - np.quantile(area(reference), q)).max() < 0.04
     assert np.abs(np.quantile(log_ratio(ours), q) - np.quantile(log_ratio(reference), q)).max() < 0.04
     for view, (blur_p, solarize_p) in enumerate([(1.0, 0.0), (0.1, 0.2)]):
-        rate = lambda f: np.mean([f(d[view]) for d in draws])  # noqa: E731
-        for p, observed in [(crop.flip_p, rate(lambda v: v.flip)), (crop.jitter_p, rate(lambda v: bool(v.order))),
-                            (crop.grayscale_p, rate(lambda v: v.grayscale)), (blur_p, rate(lambda v: v.blur)),
-                            (solarize_p, rate(lambda v: v.solarize))]:
+        rate = lambda f, view=view: np.mean([f(d[view]) for d in draws])  # noqa: E731
+        for p, observed in [
+            (crop.flip_p, rate(lambda v: v.flip)),
+            (crop.jitter_p, rate(lambda v: bool(v.order))),
+            (crop.grayscale_p, rate(lambda v: v.grayscale)),
+            (blur_p, rate(lambda v: v.blur)),
+            (solarize_p, rate(lambda v: v.solarize)),
+        ]:
             assert abs(observed - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1e-9, (view, p, observed)
         sigmas = [d[view].sigma for d in draws if d[view].blur]
         assert crop.blur_sigma[0] <= min(sigmas) and max(sigmas) <= crop.blur_sigma[1]
@@ -190,10 +224,19 @@ def test_dali_applies_every_colour_op_like_torchvision(tmp_path: Path) -> None:
     spec = write(tmp_path, [{"__key__": f"s{i:03d}", "png": encode(smooth_image(i, 20, 20), "PNG")} for i in range(24)])
     whole = {"scale": "[1.0,1.0]", "ratio": "[1.0,1.0]", "size": 20, "jitter_p": 1.0, "flip_p": 0.5}
     overrides = {f"augment.{group}.{k}": v for group in ("global_crops", "local_crops") for k, v in whole.items()}
-    cfg = tiny_config(tmp_path, spec, **overrides, **{
-        "augment.global_crops.blur_p": "[1.0,0.0]", "augment.global_crops.solarize_p": "[0.0,1.0]",
-        "augment.local_crops.count": 2, "augment.local_crops.grayscale_p": 1.0, "augment.local_crops.hue": 0.5,
-        "augment.local_crops.blur_p": "[0.0]"})
+    cfg = tiny_config(
+        tmp_path,
+        spec,
+        **overrides,
+        **{
+            "augment.global_crops.blur_p": "[1.0,0.0]",
+            "augment.global_crops.solarize_p": "[0.0,1.0]",
+            "augment.local_crops.count": 2,
+            "augment.local_crops.grayscale_p": 1.0,
+            "augment.local_crops.hue": 0.5,
+            "augment.local_crops.blur_p": "[0.0]",
+        },
+    )
     dali_loader, cpu_loader = loaders(cfg, spec, 12)
     diffs = level_diffs(list(dali_loader), list(cpu_loader))
     assert diffs.max() <= 2 and (diffs > 0.5).float().mean() < 1e-3
@@ -201,9 +244,16 @@ def test_dali_applies_every_colour_op_like_torchvision(tmp_path: Path) -> None:
 
 def test_dali_views_match_the_cpu_renderer_on_the_real_recipe(mixed_dir: str, tmp_path: Path) -> None:
     """The same crops, flips, jitter, grey, blur and solarize: only resampling differs, by about a level."""
-    cfg = tiny_config(tmp_path, mixed_dir, **{"augment.global_crops.blur_p": "[1.0,0.1]",
-                                              "augment.global_crops.solarize_p": "[0.0,0.2]",
-                                              "augment.local_crops.count": 2, "augment.local_crops.size": 8})
+    cfg = tiny_config(
+        tmp_path,
+        mixed_dir,
+        **{
+            "augment.global_crops.blur_p": "[1.0,0.1]",
+            "augment.global_crops.solarize_p": "[0.0,0.2]",
+            "augment.local_crops.count": 2,
+            "augment.local_crops.size": 8,
+        },
+    )
     dali_loader, cpu_loader = loaders(cfg, mixed_dir, 16)
     a, b = list(dali_loader), list(cpu_loader)
     diffs = level_diffs(a, b)
@@ -226,14 +276,17 @@ def test_order_resume_and_determinism(mixed_dir: str, tmp_path: Path, caplog: py
         full_loader = build_dali_loader(cfg, catalog, GlobalBatchSampler(len(catalog), 8, cfg.seed), CPU)
     assert isinstance(full_loader, DaliLoader) and "CPU mode" in caplog.text
     full = list(full_loader)
-    torch_ids = [b.index.tolist() for b in build_train_loader(cfg, catalog, GlobalBatchSampler(len(catalog), 8, cfg.seed), CPU)]
+    torch_ids = [
+        b.index.tolist() for b in build_train_loader(cfg, catalog, GlobalBatchSampler(len(catalog), 8, cfg.seed), CPU)
+    ]
     assert [b.index.tolist() for b in full] == torch_ids and len(full) == 6
     assert all(torch.equal(b.label, b.index % 4) for b in full)
 
     def same(xs: list, ys: list) -> bool:
         return len(xs) == len(ys) and all(
             torch.equal(x.index, y.index) and all(torch.equal(u, v) for u, v in zip(x.global_views, y.global_views))
-            for x, y in zip(xs, ys))
+            for x, y in zip(xs, ys)
+        )
 
     assert same(list(full_loader), full)  # a second pass renders the same views
     resumed = DaliLoader(cfg, catalog, GlobalBatchSampler(len(catalog), 8, cfg.seed, start=3 * 8, end=6 * 8), None)
@@ -263,8 +316,14 @@ def pil_encode(img: Image.Image, fmt: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def damaged_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    good = [{"__key__": f"g{i:03d}", ("jpg" if i % 2 else "png"): encode(smooth_image(i, 24, 24), "JPEG" if i % 2 else "PNG"),
-             "cls": i % 3} for i in range(14)]
+    good = [
+        {
+            "__key__": f"g{i:03d}",
+            ("jpg" if i % 2 else "png"): encode(smooth_image(i, 24, 24), "JPEG" if i % 2 else "PNG"),
+            "cls": i % 3,
+        }
+        for i in range(14)
+    ]
     jpeg = encode(smooth_image(50, 24, 24), "JPEG")
     bad = [
         {"__key__": "truncated", "jpg": jpeg[: len(jpeg) - 60], "cls": 1},  # header intact, scan cut
@@ -272,15 +331,29 @@ def damaged_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
         {"__key__": "zero", "png": b"", "cls": 1},
         {"__key__": "noimage", "cls": 1},
         {"__key__": "badcrc", "png": bad_png_crc(), "cls": 1},
-        {"__key__": "palette", "png": pil_encode(Image.fromarray(smooth_image(51, 24, 24)).convert("P"), "PNG"), "cls": 2},
+        {
+            "__key__": "palette",
+            "png": pil_encode(Image.fromarray(smooth_image(51, 24, 24)).convert("P"), "PNG"),
+            "cls": 2,
+        },
         # modes DALI is not trusted with: the CPU renderer renders them, in their place in the batch
-        {"__key__": "deep16", "png": pil_encode(Image.fromarray(smooth_image(52, 24, 24)[..., 0].astype(np.uint16) * 200), "PNG"), "cls": 2},
-        {"__key__": "cmyk", "jpg": pil_encode(Image.fromarray(smooth_image(53, 24, 24)).convert("CMYK"), "JPEG"), "cls": 2},
+        {
+            "__key__": "deep16",
+            "png": pil_encode(Image.fromarray(smooth_image(52, 24, 24)[..., 0].astype(np.uint16) * 200), "PNG"),
+            "cls": 2,
+        },
+        {
+            "__key__": "cmyk",
+            "jpg": pil_encode(Image.fromarray(smooth_image(53, 24, 24)).convert("CMYK"), "JPEG"),
+            "cls": 2,
+        },
     ]
     return write(tmp_path_factory.mktemp("damaged"), good[:7] + bad + good[7:])
 
 
-def test_corrupt_and_missing_images_are_skipped_and_reported_like_the_cpu_path(damaged_dir: str, tmp_path: Path) -> None:
+def test_corrupt_and_missing_images_are_skipped_and_reported_like_the_cpu_path(
+    damaged_dir: str, tmp_path: Path
+) -> None:
     cfg = tiny_config(tmp_path, damaged_dir, **{"data.batch_size": 22})
     dali_loader, cpu_loader = loaders(cfg, damaged_dir, 22)
     (a,), (b,) = list(dali_loader), list(cpu_loader)
@@ -293,9 +366,9 @@ def test_corrupt_and_missing_images_are_skipped_and_reported_like_the_cpu_path(d
     assert level_diffs([a], [b]).mean() < 0.3
 
 
-def test_a_batch_dali_cannot_decode_is_rendered_on_the_cpu(damaged_dir: str, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_a_batch_dali_cannot_decode_is_rendered_on_the_cpu(
+    damaged_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(dali, "_dali_decodes_like_pil", lambda img, data: True)  # the truncated JPEG reaches DALI
     cfg = tiny_config(tmp_path, damaged_dir, **{"data.batch_size": 22})
     dali_loader, cpu_loader = loaders(cfg, damaged_dir, 22)
@@ -311,18 +384,19 @@ def test_a_batch_dali_cannot_decode_is_rendered_on_the_cpu(damaged_dir: str, tmp
 
 def test_training_with_the_dali_loader_writes_checkpoints(mixed_dir: str, tmp_path: Path) -> None:
     from ssltrain.engine.checkpoint import Checkpointer
-    from ssltrain.eval.metrics_log import read_metrics
     from ssltrain.engine.loop import train
+    from ssltrain.eval.metrics_log import read_metrics
 
-    run_dir = train(tiny_config(tmp_path, mixed_dir, **{"data.loader": "dali", "steps": 3, "checkpoint.every": 3,
-                                                          "threads": 1}))
+    run_dir = train(
+        tiny_config(tmp_path, mixed_dir, **{"data.loader": "dali", "steps": 3, "checkpoint.every": 3, "threads": 1})
+    )
     assert Checkpointer(run_dir / "checkpoints").latest().name == "step-3"
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
 
 
-def test_without_dali_the_cpu_loader_is_used_with_a_warning(mixed_dir: str, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch,
-                                                           caplog: pytest.LogCaptureFixture) -> None:
+def test_without_dali_the_cpu_loader_is_used_with_a_warning(
+    mixed_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     for name in [m for m in sys.modules if m == "nvidia.dali" or m.startswith("nvidia.dali.")] + ["nvidia.dali"]:
         monkeypatch.setitem(sys.modules, name, None)  # `import nvidia.dali` now raises ImportError
     cfg = tiny_config(tmp_path, mixed_dir, **{"data.loader": "dali"})
@@ -331,7 +405,9 @@ def test_without_dali_the_cpu_loader_is_used_with_a_warning(mixed_dir: str, tmp_
         loader = build_train_loader(cfg, catalog, GlobalBatchSampler(len(catalog), 8, cfg.seed), CPU)
     assert not isinstance(loader, DaliLoader)
     assert "cannot be imported" in caplog.text and "pip install nvidia-dali" in caplog.text
-    reference = build_train_loader(tiny_config(tmp_path, mixed_dir), catalog, GlobalBatchSampler(len(catalog), 8, cfg.seed), CPU)
+    reference = build_train_loader(
+        tiny_config(tmp_path, mixed_dir), catalog, GlobalBatchSampler(len(catalog), 8, cfg.seed), CPU
+    )
     for x, y in zip(loader, reference):
         assert torch.equal(x.index, y.index) and torch.equal(x.global_views[0], y.global_views[0])
 

@@ -143,6 +143,6 @@ def test_round_trip_through_shards(tmp_path):
         assert not index.truncated
         got.extend(iter_members(index))
     assert [entry.key for entry, _ in got] == [s["__key__"] for s in samples]
-    for (entry, data), s in zip(got, samples):
+    for (_, data), s in zip(got, samples):
         assert data["png"] == s["png"]
         assert int(data["cls"]) == s["cls"]

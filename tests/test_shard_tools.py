@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -106,8 +105,19 @@ def test_a_changed_tree_is_refused_with_the_fix(tmp_path: Path) -> None:
 def test_killed_ingest_resumes_to_the_same_shards(tmp_path: Path) -> None:
     """SIGKILL the real command mid-way, rerun it: the result equals an uninterrupted run's, byte for byte."""
     tree = image_tree(tmp_path / "in", per_class=60, side=48)
-    command = [sys.executable, "-m", "ssltrain.cli", "shards", "imagefolder", str(tree), "--shard-size", "4",
-               "--workers", "1", "--out"]
+    command = [
+        sys.executable,
+        "-m",
+        "ssltrain.cli",
+        "shards",
+        "imagefolder",
+        str(tree),
+        "--shard-size",
+        "4",
+        "--workers",
+        "1",
+        "--out",
+    ]
     subprocess.run(command + [str(tmp_path / "ref")], check=True, capture_output=True)
     reference = sorted((tmp_path / "ref").glob("train-*.tar"))
     out = tmp_path / "out"
@@ -130,8 +140,13 @@ def damaged_set(out: Path) -> dict[str, Path]:
     """One shard per kind of damage, each named after it."""
     good = lambda i: {"__key__": f"k{i:03d}", "png": _png(i), "cls": i % 3}  # noqa: E731
     write_shards([good(i) for i in range(4)], out / "g", "good")
-    bad_members = [good(10), {"__key__": "k011", "jpg": b"\xff\xd8\xff\xe0 corrupt"}, {"__key__": "k012", "cls": 1},
-                   {"__key__": "k013", "png": _png(13), "cls": "seven"}, {"__key__": "k014", "txt": "a caption"}]
+    bad_members = [
+        good(10),
+        {"__key__": "k011", "jpg": b"\xff\xd8\xff\xe0 corrupt"},
+        {"__key__": "k012", "cls": 1},
+        {"__key__": "k013", "png": _png(13), "cls": "seven"},
+        {"__key__": "k014", "txt": "a caption"},
+    ]
     write_shards(bad_members, out / "m", "members")
     write_shards([good(i) for i in range(20, 24)], out / "t", "truncated")
     write_shards([good(i) for i in range(30, 33)], out / "x", "noindex")
@@ -169,8 +184,12 @@ def test_verify_names_every_kind_of_damage(tmp_path: Path) -> None:
     assert any("k013: label b'seven' is not an integer" in p for p in problems["members"])
     assert any("k014: no image or video member (has: txt)" in p for p in problems["members"])
     assert any("truncated" in p for p in problems["truncated"])
-    assert problems["noindex"] == ["no index 'noindex-000000.idx' (DALI and fast start need it); write it with --fix-index"]
-    assert any("rebuild it with --fix-index" in p or "or rebuild it with --fix-index" in p for p in problems["staleindex"])
+    assert problems["noindex"] == [
+        "no index 'noindex-000000.idx' (DALI and fast start need it); write it with --fix-index"
+    ]
+    assert any(
+        "rebuild it with --fix-index" in p or "or rebuild it with --fix-index" in p for p in problems["staleindex"]
+    )
     assert problems["empty"] == ["the shard is empty (0 bytes); re-write it"]
     # --fix-index repairs what an index can repair, and nothing else.
     fixed = verify_shards(str(tmp_path), fix_index=True)

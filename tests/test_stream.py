@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import png_bytes
+
 from ssltrain.config import AugmentConfig, CropConfig
 from ssltrain.data.augment import CPURenderer
 from ssltrain.data.loaders.cpu import AugmentedShards, make_loader
@@ -106,7 +106,9 @@ def test_catalog_random_access(shard_dir: Path) -> None:
 
 def _render_spec() -> AugmentConfig:
     crop = CropConfig(count=2, size=12, scale=[0.3, 1.0], blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2])
-    return AugmentConfig(global_crops=crop, local_crops=CropConfig(count=2, size=8, scale=[0.1, 0.4], blur_p=[0.5], solarize_p=[0.0]))
+    return AugmentConfig(
+        global_crops=crop, local_crops=CropConfig(count=2, size=8, scale=[0.1, 0.4], blur_p=[0.5], solarize_p=[0.0])
+    )
 
 
 def _batches(catalog: ShardCatalog, workers: int, start: int = 0, world: int = 1, rank: int = 0):

@@ -15,17 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from ssltrain.engine.checkpoint import Checkpointer
-from ssltrain.config import ConfigError
-from ssltrain.data import video
+
+from ssltrain.config import ConfigError, check_video_config
+from ssltrain.data import video_io
+from ssltrain.data.ingest import video as video_ingest
+from ssltrain.data.loaders import video
 from ssltrain.data.loaders.cpu import Sample, Skipped, collate_views
 from ssltrain.data.shards import DataError, iter_members, read_index, write_shards
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
+from ssltrain.engine.checkpoint import Checkpointer
+from ssltrain.engine.loop import train
 from ssltrain.eval.metrics_log import read_metrics
 from ssltrain.models.backbones import build_backbone
-from ssltrain.engine.loop import train
 
 # ingest settings: 8 fps, 1 s clips (T=8), short side 32
 FPS, CLIP_S, SHORT = 8, 1.0, 32
@@ -52,19 +54,36 @@ def video_root(tmp_path_factory: pytest.TempPathFactory, ffmpeg_available: None)
     root = tmp_path_factory.mktemp("videos")
     for folder, name, source, seconds in SOURCES:
         (root / folder).mkdir(exist_ok=True)
-        subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-f", "lavfi", "-i", source, "-t", str(seconds),
-                        "-pix_fmt", "yuv420p", str(root / folder / name)], check=True)
+        subprocess.run(
+            [
+                "ffmpeg",
+                "-v",
+                "error",
+                "-nostdin",
+                "-f",
+                "lavfi",
+                "-i",
+                source,
+                "-t",
+                str(seconds),
+                "-pix_fmt",
+                "yuv420p",
+                str(root / folder / name),
+            ],
+            check=True,
+        )
     (root / "beta" / "corrupt.mp4").write_bytes(os.urandom(3000))
     (root / "empty.mp4").write_bytes(b"")
     return root
 
 
 @pytest.fixture(scope="module")
-def ingested(video_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[video.VideoIngestReport, Path]:
+def ingested(video_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[video_ingest.VideoIngestReport, Path]:
     out = tmp_path_factory.mktemp("shards")
     with pytest.warns(UserWarning, match="skipping video"):
-        report = video.write_video_shards([video_root], out, fps=FPS, short_side=SHORT, clip_seconds=CLIP_S,
-                                          shard_samples=5)
+        report = video_ingest.write_video_shards(
+            [video_root], out, fps=FPS, short_side=SHORT, clip_seconds=CLIP_S, shard_samples=5
+        )
     return report, out
 
 
@@ -78,10 +97,15 @@ def video_config(tmp_path: Path, train_spec: str, **overrides: object):
 
 
 # deterministic spatial augmentation: the whole frame, square centre crop, nothing random
-PLAIN = {"augment.global_crops.scale": "[1.0,1.0]", "augment.global_crops.ratio": "[1.0,1.0]",
-         "augment.global_crops.flip_p": 0.0, "augment.global_crops.jitter_p": 0.0,
-         "augment.global_crops.grayscale_p": 0.0, "augment.global_crops.blur_p": "[0.0]",
-         "augment.global_crops.solarize_p": "[0.0]"}
+PLAIN = {
+    "augment.global_crops.scale": "[1.0,1.0]",
+    "augment.global_crops.ratio": "[1.0,1.0]",
+    "augment.global_crops.flip_p": 0.0,
+    "augment.global_crops.jitter_p": 0.0,
+    "augment.global_crops.grayscale_p": 0.0,
+    "augment.global_crops.blur_p": "[0.0]",
+    "augment.global_crops.solarize_p": "[0.0]",
+}
 
 
 def test_ingest_writes_clips_with_metadata_and_skips_bad_files(ingested: tuple, video_root: Path) -> None:
@@ -97,34 +121,74 @@ def test_ingest_writes_clips_with_metadata_and_skips_bad_files(ingested: tuple, 
     samples = members(report.shards)
     metas = {key: json.loads(data["json"]) for key, data in samples.items()}
     assert [(m["source"], m["start_s"], m["frames"]) for m in metas.values()] == [
-        ("alpha/mandel.mp4", 0.0, 8), ("alpha/mandel.mp4", 1.0, 8),
-        ("alpha/testsrc.mp4", 0.0, 8), ("alpha/testsrc.mp4", 1.0, 8), ("alpha/testsrc.mp4", 2.0, 8),
-        ("beta/bars.mkv", 0.0, 8), ("beta/bars.mkv", 1.0, 8), ("beta/bars.mkv", 2.0, 4)]
+        ("alpha/mandel.mp4", 0.0, 8),
+        ("alpha/mandel.mp4", 1.0, 8),
+        ("alpha/testsrc.mp4", 0.0, 8),
+        ("alpha/testsrc.mp4", 1.0, 8),
+        ("alpha/testsrc.mp4", 2.0, 8),
+        ("beta/bars.mkv", 0.0, 8),
+        ("beta/bars.mkv", 1.0, 8),
+        ("beta/bars.mkv", 2.0, 4),
+    ]
     assert metas["000000_00000"]["width"] == 32 and metas["000000_00000"]["height"] == 42  # portrait, even sides
     assert metas["000001_00000"]["width"] == 42 and metas["000001_00000"]["height"] == 32
     assert all(m["fps"] == FPS for m in metas.values())
     assert [int(s["cls"]) for s in samples.values()] == [0] * 5 + [1] * 3
     for key in ("000000_00001", "000002_00002"):  # the stored clip holds what its metadata says
         m = metas[key]
-        frames = video.decode_clip(samples[key]["mp4"], m["width"], m["height"])
+        frames = video_io.decode_clip(samples[key]["mp4"], m["width"], m["height"])
         assert frames.shape == (m["frames"], m["height"], m["width"], 3)
-        assert video.probe(samples[key]["mp4"]).fps == FPS
+        assert video_io.probe(samples[key]["mp4"]).fps == FPS
 
 
 def test_parallel_ingest_writes_the_same_samples(ingested: tuple, video_root: Path, tmp_path: Path) -> None:
     report, _ = ingested
     with pytest.warns(UserWarning, match="skipping video"):
-        again = video.write_video_shards([video_root / "alpha", video_root / "beta", video_root / "empty.mp4"],
-                                         tmp_path, fps=FPS, short_side=SHORT, clip_seconds=CLIP_S, shard_samples=5,
-                                         workers=2)
+        again = video_ingest.write_video_shards(
+            [video_root / "alpha", video_root / "beta", video_root / "empty.mp4"],
+            tmp_path,
+            fps=FPS,
+            short_side=SHORT,
+            clip_seconds=CLIP_S,
+            shard_samples=5,
+            workers=2,
+        )
     a, b = members(report.shards), members(again.shards)
     assert list(a) == list(b) and len(again.skipped) == 2
-    assert [json.loads(x["json"])["frames"] for x in a.values()] == [json.loads(x["json"])["frames"] for x in b.values()]
+    assert [json.loads(x["json"])["frames"] for x in a.values()] == [
+        json.loads(x["json"])["frames"] for x in b.values()
+    ]
+
+
+def test_rerun_keeps_finished_clip_shards_and_encodes_only_what_a_missing_one_holds(
+    ingested: tuple, video_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    report, out = ingested
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    assert not list(copy.glob(".*-clips"))  # the staged clips are gone once every shard is written
+    kwargs = dict(fps=FPS, short_side=SHORT, clip_seconds=CLIP_S, shard_samples=5)
+    real, encoded = video_ingest._clips, []
+    monkeypatch.setattr(video_ingest, "_clips", lambda unit, *a: encoded.append(unit.position) or real(unit, *a))
+    again = video_ingest.write_video_shards([video_root], copy, **kwargs)
+    assert encoded == [] and [p.name for p in again.shards] == [p.name for p in report.shards]
+    assert (again.clips, again.videos, sorted(again.skipped)) == (8, 3, sorted(report.skipped))
+    lost = copy / report.shards[1].name  # the clips of beta/bars.mkv (file 2)
+    lost.unlink()
+    lost.with_suffix(".idx").unlink()
+    video_ingest.write_video_shards([video_root], copy, **kwargs)
+    assert encoded == [2]
+    a, b = members(report.shards), members(sorted(copy.glob("train-*.tar")))
+    assert list(a) == list(b) and all(a[k]["json"] == b[k]["json"] for k in a)
+    with pytest.raises(DataError, match="different video files or settings"):
+        video_ingest.write_video_shards([video_root], copy, **{**kwargs, "fps": 4})
 
 
 def test_no_readable_video_is_an_error_and_writes_nothing(video_root: Path, tmp_path: Path) -> None:
     with pytest.warns(UserWarning), pytest.raises(DataError, match="none of the 2 video files gave a clip"):
-        video.write_video_shards([video_root / "beta" / "corrupt.mp4", video_root / "empty.mp4"], tmp_path / "out")
+        video_ingest.write_video_shards(
+            [video_root / "beta" / "corrupt.mp4", video_root / "empty.mp4"], tmp_path / "out"
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -135,8 +199,9 @@ def test_views_have_clip_and_frame_shapes(ingested: tuple, tmp_path: Path) -> No
     batch = collate_views([clips[(i, i)] for i in (0, 4, 7)])  # 7: the 4-frame tail clip
     assert [tuple(v.shape) for v in batch.global_views] == [(3, 3, 4, 16, 16)] * 2 and batch.local_views == []
     assert batch.label.tolist() == [0, 0, 1] and batch.skipped == []
-    frames = video.VideoClips(catalog, video_config(tmp_path, str(out), **{"data.video.mode": "frames",
-                                                                             "model.backbone": "resnet18"}))
+    frames = video.VideoClips(
+        catalog, video_config(tmp_path, str(out), **{"data.video.mode": "frames", "model.backbone": "resnet18"})
+    )
     batch = collate_views([frames[(i, i)] for i in (0, 7)])
     assert [tuple(v.shape) for v in batch.global_views] == [(2, 3, 16, 16)] * 2
 
@@ -144,13 +209,17 @@ def test_views_have_clip_and_frame_shapes(ingested: tuple, tmp_path: Path) -> No
 def test_spatial_augmentation_is_the_same_for_every_frame_of_a_view(ingested: tuple, tmp_path: Path) -> None:
     _, out = ingested
     catalog = ShardCatalog.from_spec(str(out))
-    strong = {"augment.global_crops.jitter_p": 1.0, "augment.global_crops.grayscale_p": 0.3,
-              "augment.global_crops.blur_p": "[1.0]", "augment.global_crops.solarize_p": "[0.5]",
-              "data.video.frames": 6}
+    strong = {
+        "augment.global_crops.jitter_p": 1.0,
+        "augment.global_crops.grayscale_p": 0.3,
+        "augment.global_crops.blur_p": "[1.0]",
+        "augment.global_crops.solarize_p": "[0.5]",
+        "data.video.frames": 6,
+    }
     dataset = video.VideoClips(catalog, video_config(tmp_path, str(out), **strong))
     static = [catalog.keys.index(key) for key in STATIC_KEYS]
     raw = catalog.read(static[0]).image
-    source = torch.from_numpy(video.decode_clip(raw, 42, 32).copy())
+    source = torch.from_numpy(video_io.decode_clip(raw, 42, 32).copy())
     assert all(torch.equal(source[0], f) for f in source)  # the premise: a static clip
     views = []
     for position in range(3):
@@ -166,13 +235,27 @@ def test_zero_gap_gives_frames_of_the_same_time(ingested: tuple, tmp_path: Path)
     _, out = ingested
     catalog = ShardCatalog.from_spec(str(out))
     moving = range(5)  # mandelbrot and testsrc clips
-    same_time = video.VideoClips(catalog, video_config(tmp_path, str(out), **PLAIN, **{
-        "data.video.mode": "frames", "model.backbone": "resnet18", "data.video.max_gap_s": 0.0}))
+    same_time = video.VideoClips(
+        catalog,
+        video_config(
+            tmp_path,
+            str(out),
+            **PLAIN,
+            **{"data.video.mode": "frames", "model.backbone": "resnet18", "data.video.max_gap_s": 0.0},
+        ),
+    )
     for i in moving:
         a, b = same_time[(i, i)].global_views
         assert torch.equal(a, b)
-    apart = video.VideoClips(catalog, video_config(tmp_path, str(out), **PLAIN, **{
-        "data.video.mode": "frames", "model.backbone": "resnet18", "data.video.max_gap_s": 1.0}))
+    apart = video.VideoClips(
+        catalog,
+        video_config(
+            tmp_path,
+            str(out),
+            **PLAIN,
+            **{"data.video.mode": "frames", "model.backbone": "resnet18", "data.video.max_gap_s": 1.0},
+        ),
+    )
     assert any(not torch.equal(*apart[(i, i)].global_views) for i in moving)
 
 
@@ -195,17 +278,20 @@ def test_views_are_a_function_of_seed_and_position_and_resume_exactly(ingested: 
     first, again, other = dataset[(2, 11)], dataset[(2, 11)], dataset[(2, 12)]
     assert all(torch.equal(x, y) for x, y in zip(first.global_views, again.global_views))
     assert not torch.equal(first.global_views[0], other.global_views[0])
-    whole = list(video.build_video_loader(cfg, catalog, GlobalBatchSampler(len(catalog), 4, cfg.seed, 0, 8),
-                                          torch.device("cpu")))
+    whole = list(
+        video.build_video_loader(cfg, catalog, GlobalBatchSampler(len(catalog), 4, cfg.seed, 0, 8), torch.device("cpu"))
+    )
     cfg.data.workers = 2
-    resumed = list(video.build_video_loader(cfg, catalog, GlobalBatchSampler(len(catalog), 4, cfg.seed, 4, 8),
-                                            torch.device("cpu")))
+    resumed = list(
+        video.build_video_loader(cfg, catalog, GlobalBatchSampler(len(catalog), 4, cfg.seed, 4, 8), torch.device("cpu"))
+    )
     assert len(whole) == 2 and len(resumed) == 1 and torch.equal(whole[1].index, resumed[0].index)
     assert all(torch.equal(x, y) for x, y in zip(whole[1].global_views, resumed[0].global_views))
 
 
-def test_undecodable_clip_in_a_shard_is_skipped_and_reported(ingested: tuple, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_undecodable_clip_in_a_shard_is_skipped_and_reported(
+    ingested: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     report, _ = ingested
     good = members(report.shards)["000001_00000"]
     samples = [
@@ -227,17 +313,21 @@ def test_undecodable_clip_in_a_shard_is_skipped_and_reported(ingested: tuple, tm
 
 def test_clips_need_a_video_backbone_and_frames_an_image_backbone(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model.backbone=r3d_18 or data.video.mode=frames"):
-        video.check_video_config(video_config(tmp_path, "x", **{"model.backbone": "resnet18"}))
+        check_video_config(video_config(tmp_path, "x", **{"model.backbone": "resnet18"}))
     with pytest.raises(ConfigError, match="data.video.mode=clips or an image backbone"):
-        video.check_video_config(video_config(tmp_path, "x", **{"data.video.mode": "frames"}))
+        check_video_config(video_config(tmp_path, "x", **{"data.video.mode": "frames"}))
     net, dim = build_backbone("r3d_18")
     assert dim == 512 and net(torch.randn(2, 3, 4, 16, 16)).shape == (2, 512)
 
 
-@pytest.mark.parametrize("overrides", [
-    {"model.backbone": "r3d_18", "data.video.mode": "clips", "data.video.frames": 4, "data.workers": 1},
-    {"model.backbone": "resnet18", "data.video.mode": "frames"},
-], ids=["r3d_18-clips", "resnet18-frames"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"model.backbone": "r3d_18", "data.video.mode": "clips", "data.video.frames": 4, "data.workers": 1},
+        {"model.backbone": "resnet18", "data.video.mode": "frames"},
+    ],
+    ids=["r3d_18-clips", "resnet18-frames"],
+)
 def test_training_on_video_writes_a_checkpoint(ingested: tuple, tmp_path: Path, overrides: dict) -> None:
     _, out = ingested
     run = train(video_config(tmp_path, str(out), steps=3, **{"checkpoint.every": 3}, **overrides))
@@ -252,8 +342,27 @@ def test_cli_ingests_videos_and_verify_decodes_every_clip(video_root: Path, tmp_
 
     out = tmp_path / "clips"
     caplog.set_level(logging.INFO, logger="ssltrain")
-    assert main(["shards", "video", str(video_root / "alpha"), str(video_root / "beta"), "--out", str(out),
-                 "--fps", str(FPS), "--short-side", str(SHORT), "--clip-seconds", str(CLIP_S), "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "shards",
+                "video",
+                str(video_root / "alpha"),
+                str(video_root / "beta"),
+                "--out",
+                str(out),
+                "--fps",
+                str(FPS),
+                "--short-side",
+                str(SHORT),
+                "--clip-seconds",
+                str(CLIP_S),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     # The summary names what was skipped (the warning itself may have been shown once already, by another test).
     assert "8 clips from 3 videos" in caplog.text and "1 videos skipped" in caplog.text
     assert "corrupt.mp4" in caplog.text

@@ -1,12 +1,17 @@
-"""The multi-crop AugmentSpec rendered on the CPU with torchvision.transforms.v2.
+"""The multi-crop AugmentSpec: a view's random parameters are drawn here, once, and every renderer applies them.
 
-The spec is data (:class:`ssltrain.config.AugmentConfig`); this module turns it into one renderer per view.
-The DALI renderer renders the same spec on the GPU with the same semantics, so a recipe means the same thing on
-either path. Every random draw comes from torch's global generator, which the dataset seeds per sample: the
-augmentations of a sample are then a function of (seed, sample position) alone, whatever the worker count.
+The spec is data (:class:`ssltrain.config.AugmentConfig`); :class:`ViewSpec` is one view of it, resolved.
+:func:`draw` makes every random choice of a view (crop box, flip, colour-jitter order and strengths, grayscale,
+blur sigma, solarize) into a :class:`ViewParams`; the CPU renderer (:func:`apply`, torchvision's v2 kernels), the
+DALI graph and the video loader all apply those parameters, so a recipe means the same thing on every path and the
+views agree across them. Draws come from torch's global generator, which the seeded dataset seeds per sample: the
+views of a sample are a function of (seed, sample position) alone, whatever the worker count.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -14,6 +19,9 @@ from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F
 
 from ssltrain.config import AugmentConfig, CropConfig
+
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's op numbers
+NO_JITTER = (1.0, 1.0, 1.0, 0.0)  # the factors of ops that do not run: identities
 
 
 def _blur_kernel(size: int) -> int:
@@ -26,67 +34,166 @@ def _per_view(values: list[float], view: int) -> float:
     return values[min(view, len(values) - 1)]
 
 
-class ViewRenderer:
-    """One view of a crop group: random resized crop, flip, colour jitter (random order), grayscale, blur, solarize.
+Range = tuple[float, float]
 
-    Parameters are drawn with torchvision's own samplers (``RandomResizedCrop.get_params``,
-    ``ColorJitter.get_params``) and applied with ``transforms.v2.functional`` kernels: the semantics of the v2
-    transforms at a fifth of their per-call overhead, which dominates at small image sizes (3 ms vs 0.5 ms a view
-    at 32 px). Augmentations with probability 0 are never drawn.
+
+def _range(r: Sequence[float] | None) -> Range | None:
+    return (r[0], r[1]) if r is not None else None
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One view of a crop group, resolved from its config: output size, crop ranges and the probability of each op.
+
+    ``jitter_ranges`` are torchvision's ColorJitter ranges (``None``: that op is off); an augmentation with
+    probability 0 is never drawn, so it consumes no random numbers.
     """
 
-    def __init__(self, crop: CropConfig, view: int, mean: list[float], std: list[float]) -> None:
-        self.size = [crop.size, crop.size]
-        self.scale, self.ratio = tuple(crop.scale), tuple(crop.ratio)
-        self.flip_p, self.jitter_p, self.grayscale_p = crop.flip_p, crop.jitter_p, crop.grayscale_p
+    size: int
+    scale: Range
+    ratio: Range
+    flip_p: float
+    jitter_p: float
+    jitter_ranges: tuple[Range | None, Range | None, Range | None, Range | None]
+    grayscale_p: float
+    blur_p: float
+    blur_sigma: Range
+    blur_kernel: int
+    solarize_p: float
+
+    @classmethod
+    def of(cls, crop: CropConfig, view: int) -> ViewSpec:
+        """View ``view`` of the group ``crop`` (``blur_p`` and ``solarize_p`` are per view, the last one repeats)."""
         jitter = T.ColorJitter(crop.brightness, crop.contrast, crop.saturation, crop.hue)
-        self.jitter_ranges = (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
-        if not any((crop.brightness, crop.contrast, crop.saturation, crop.hue)):
-            self.jitter_p = 0.0
-        self.blur_p, self.blur_sigma, self.blur_kernel = _per_view(crop.blur_p, view), tuple(crop.blur_sigma), _blur_kernel(crop.size)
-        self.solarize_p = _per_view(crop.solarize_p, view)
-        self.mean, self.std = mean, std
+        jitter_on = any((crop.brightness, crop.contrast, crop.saturation, crop.hue))
+        return cls(
+            size=crop.size,
+            scale=(crop.scale[0], crop.scale[1]),
+            ratio=(crop.ratio[0], crop.ratio[1]),
+            flip_p=crop.flip_p,
+            jitter_p=crop.jitter_p if jitter_on else 0.0,
+            jitter_ranges=(
+                _range(jitter.brightness),
+                _range(jitter.contrast),
+                _range(jitter.saturation),
+                _range(jitter.hue),
+            ),
+            grayscale_p=crop.grayscale_p,
+            blur_p=_per_view(crop.blur_p, view),
+            blur_sigma=(crop.blur_sigma[0], crop.blur_sigma[1]),
+            blur_kernel=_blur_kernel(crop.size),
+            solarize_p=_per_view(crop.solarize_p, view),
+        )
 
-    @staticmethod
-    def _coin(p: float) -> bool:
-        return p > 0 and bool(torch.rand(1) < p)
+    @property
+    def jitter_ops(self) -> tuple[int, ...]:
+        """The colour-jitter ops this view can apply (none when jitter is off)."""
+        if self.jitter_p <= 0:
+            return ()
+        return tuple(op for op, r in enumerate(self.jitter_ranges) if r is not None)
 
-    def __call__(self, image: Tensor) -> Tensor:
-        top, left, h, w = T.RandomResizedCrop.get_params(image, self.scale, self.ratio)
-        x = F.resized_crop(image, top, left, h, w, self.size, antialias=True)
-        if self._coin(self.flip_p):
-            x = F.horizontal_flip(x)
-        if self._coin(self.jitter_p):
-            order, brightness, contrast, saturation, hue = T.ColorJitter.get_params(*self.jitter_ranges)
-            for op in order.tolist():
-                if op == 0 and brightness is not None:
-                    x = F.adjust_brightness(x, brightness)
-                elif op == 1 and contrast is not None:
-                    x = F.adjust_contrast(x, contrast)
-                elif op == 2 and saturation is not None:
-                    x = F.adjust_saturation(x, saturation)
-                elif op == 3 and hue is not None:
-                    x = F.adjust_hue(x, hue)
-        if self._coin(self.grayscale_p):
-            x = F.rgb_to_grayscale(x, num_output_channels=3)
-        if self._coin(self.blur_p):
-            sigma = float(torch.empty(1).uniform_(*self.blur_sigma))
-            x = F.gaussian_blur(x, [self.blur_kernel, self.blur_kernel], [sigma, sigma])
-        if self._coin(self.solarize_p):
-            x = F.solarize(x, 128)  # on uint8, before the float conversion
-        return F.normalize(F.to_dtype(x, torch.float32, scale=True), self.mean, self.std)
+
+@dataclass(frozen=True)
+class ViewParams:
+    """Every random choice of one view: what a renderer applies."""
+
+    crop: tuple[int, int, int, int]  # top, left, height, width in the decoded image
+    flip: bool
+    order: tuple[int, ...]  # colour-jitter ops applied, in order; () when jitter is off
+    factors: tuple[float, float, float, float]  # brightness, contrast, saturation, hue (unused: NO_JITTER's)
+    grayscale: bool
+    blur: bool
+    sigma: float  # 0 when not blurred
+    solarize: bool
+
+
+def _coin(p: float) -> bool:
+    return p > 0 and bool(torch.rand(1) < p)
+
+
+def _shape_only(height: int, width: int) -> Tensor:
+    """An image-shaped tensor without storage: all that ``RandomResizedCrop.get_params`` reads of an image."""
+    return torch.empty((), dtype=torch.uint8).expand(3, height, width)
+
+
+def draw(view: ViewSpec, height: int, width: int) -> ViewParams:
+    """The random parameters of one view of an image of the given size, from torch's global generator.
+
+    torchvision's own samplers (``RandomResizedCrop.get_params``, ``ColorJitter.get_params``) in a fixed order:
+    crop, flip, jitter, grayscale, blur (and its sigma), solarize. The order is part of the views' definition:
+    changing it changes every view of every run.
+    """
+    top, left, h, w = T.RandomResizedCrop.get_params(_shape_only(height, width), list(view.scale), list(view.ratio))
+    flip = _coin(view.flip_p)
+    order: tuple[int, ...] = ()
+    factors = NO_JITTER
+    if _coin(view.jitter_p):
+        perm, *values = T.ColorJitter.get_params(*view.jitter_ranges)
+        order = tuple(op for op in perm.tolist() if values[op] is not None)
+        b, c, s, u = (float(v) if v is not None else d for v, d in zip(values, NO_JITTER))
+        factors = (b, c, s, u)
+    grayscale = _coin(view.grayscale_p)
+    blur = _coin(view.blur_p)
+    sigma = float(torch.empty(1).uniform_(*view.blur_sigma)) if blur else 0.0
+    return ViewParams((top, left, h, w), flip, order, factors, grayscale, blur, sigma, _coin(view.solarize_p))
+
+
+def draw_views(views: Sequence[ViewSpec], height: int, width: int) -> list[ViewParams]:
+    """The parameters of several views of one image, drawn in order (the caller seeds the generator)."""
+    return [draw(v, height, width) for v in views]
+
+
+def apply(image: Tensor, params: ViewParams, view: ViewSpec, mean: list[float], std: list[float]) -> Tensor:
+    """Render one view on the CPU: a uint8 image (or a [T, 3, H, W] batch of frames) to a normalised float view.
+
+    ``transforms.v2.functional`` kernels: the semantics of the v2 transforms at a fifth of their per-call
+    overhead, which dominates at small image sizes.
+    """
+    top, left, h, w = params.crop
+    x = F.resized_crop(image, top, left, h, w, [view.size, view.size], antialias=True)
+    if params.flip:
+        x = F.horizontal_flip(x)
+    for op in params.order:
+        if op == BRIGHTNESS:
+            x = F.adjust_brightness(x, params.factors[op])
+        elif op == CONTRAST:
+            x = F.adjust_contrast(x, params.factors[op])
+        elif op == SATURATION:
+            x = F.adjust_saturation(x, params.factors[op])
+        else:
+            x = F.adjust_hue(x, params.factors[op])
+    if params.grayscale:
+        x = F.rgb_to_grayscale(x, num_output_channels=3)
+    if params.blur:
+        x = F.gaussian_blur(x, [view.blur_kernel, view.blur_kernel], [params.sigma, params.sigma])
+    if params.solarize:
+        x = F.solarize(x, 128)  # on uint8, before the float conversion
+    return F.normalize(F.to_dtype(x, torch.float32, scale=True), mean, std)
 
 
 class CPURenderer:
-    """Renders all global and local views of one decoded image (uint8 tensor [3, H, W])."""
+    """All global and local views of one decoded image (uint8 tensor [3, H, W], or frames [T, 3, H, W])."""
 
     def __init__(self, spec: AugmentConfig) -> None:
-        self.spec = spec
-        self.global_views = [ViewRenderer(spec.global_crops, i, spec.mean, spec.std) for i in range(spec.global_crops.count)]
-        self.local_views = [ViewRenderer(spec.local_crops, i, spec.mean, spec.std) for i in range(spec.local_crops.count)]
+        self.spec, self.mean, self.std = spec, spec.mean, spec.std
+        self.global_views = [ViewSpec.of(spec.global_crops, i) for i in range(spec.global_crops.count)]
+        self.local_views = [ViewSpec.of(spec.local_crops, i) for i in range(spec.local_crops.count)]
+
+    @property
+    def views(self) -> list[ViewSpec]:
+        """Global views, then local ones: the order of the draws and of the rendered views."""
+        return self.global_views + self.local_views
+
+    def draw(self, height: int, width: int) -> list[ViewParams]:
+        return draw_views(self.views, height, width)
+
+    def render(self, image: Tensor, params: Sequence[ViewParams]) -> tuple[list[Tensor], list[Tensor]]:
+        """Apply drawn parameters (one per view, in :attr:`views` order)."""
+        views = [apply(image, p, v, self.mean, self.std) for p, v in zip(params, self.views)]
+        return views[: len(self.global_views)], views[len(self.global_views) :]
 
     def __call__(self, image: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        return [t(image) for t in self.global_views], [t(image) for t in self.local_views]
+        return self.render(image, self.draw(*image.shape[-2:]))
 
 
 class EvalTransform:

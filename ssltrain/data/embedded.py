@@ -8,6 +8,7 @@ self-supervised encoder has to close. ``digits`` is scikit-learn's bundled 8x8 h
 digits, upscaled: real (if tiny) data on which pixels are already decent features, a sanity check of the other kind.
 
 Both yield webdataset sample dicts ``{"__key__", "png", "cls"}`` ready for :func:`ssltrain.data.shards.write_shards`.
+:func:`synthetic_jpeg` makes photo-like JPEG samples for the benchmarks in ``bench/`` (decode cost, not content).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import functools
 import io
 import math
 import zlib
-from typing import Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 SHAPES_CLASSES: tuple[str, ...] = (
     "circle",
@@ -43,7 +45,9 @@ Polygon = list[tuple[float, float]]
 # --- shape outlines in unit coordinates: centred at 0, bounding radius ~1, drawn as (polygon, on/off) layers ---
 
 
-def _ngon(n: int, radius: float = 1.0, phase: float = 0.0, sx: float = 1.0, sy: float = 1.0, cx: float = 0.0) -> Polygon:
+def _ngon(
+    n: int, radius: float = 1.0, phase: float = 0.0, sx: float = 1.0, sy: float = 1.0, cx: float = 0.0
+) -> Polygon:
     return [
         (cx + sx * radius * math.cos(phase + 2 * math.pi * k / n), sy * radius * math.sin(phase + 2 * math.pi * k / n))
         for k in range(n)
@@ -52,8 +56,10 @@ def _ngon(n: int, radius: float = 1.0, phase: float = 0.0, sx: float = 1.0, sy: 
 
 def _star(points: int = 5, outer: float = 1.0, inner: float = 0.42) -> Polygon:
     return [
-        ((outer if k % 2 == 0 else inner) * math.cos(math.pi * k / points - math.pi / 2),
-         (outer if k % 2 == 0 else inner) * math.sin(math.pi * k / points - math.pi / 2))
+        (
+            (outer if k % 2 == 0 else inner) * math.cos(math.pi * k / points - math.pi / 2),
+            (outer if k % 2 == 0 else inner) * math.sin(math.pi * k / points - math.pi / 2),
+        )
         for k in range(2 * points)
     ]
 
@@ -61,7 +67,10 @@ def _star(points: int = 5, outer: float = 1.0, inner: float = 0.42) -> Polygon:
 def _heart(n: int = 40) -> Polygon:
     """The classic parametric heart, centred on its bounding box and scaled to bounding radius ~1."""
     ts = [2 * math.pi * k / n for k in range(n)]
-    pts = [(16 * math.sin(t) ** 3, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t))) for t in ts]
+    pts = [
+        (16 * math.sin(t) ** 3, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)))
+        for t in ts
+    ]
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     cx, cy = (max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2
     r = max(math.hypot(x - cx, y - cy) for x, y in pts)
@@ -77,10 +86,28 @@ _SHAPE_LAYERS: dict[str, list[tuple[Polygon, bool]]] = {
     "square": [(_ngon(4, 1.0, math.pi / 4), True)],
     "triangle": [(_ngon(3, 1.0, -math.pi / 2), True)],
     "star": [(_star(), True)],
-    "cross": [([(x * 0.95, y * 0.95) for x, y in [
-        (-_CROSS_W, -1), (_CROSS_W, -1), (_CROSS_W, -_CROSS_W), (1, -_CROSS_W), (1, _CROSS_W), (_CROSS_W, _CROSS_W),
-        (_CROSS_W, 1), (-_CROSS_W, 1), (-_CROSS_W, _CROSS_W), (-1, _CROSS_W), (-1, -_CROSS_W), (-_CROSS_W, -_CROSS_W),
-    ]], True)],
+    "cross": [
+        (
+            [
+                (x * 0.95, y * 0.95)
+                for x, y in [
+                    (-_CROSS_W, -1),
+                    (_CROSS_W, -1),
+                    (_CROSS_W, -_CROSS_W),
+                    (1, -_CROSS_W),
+                    (1, _CROSS_W),
+                    (_CROSS_W, _CROSS_W),
+                    (_CROSS_W, 1),
+                    (-_CROSS_W, 1),
+                    (-_CROSS_W, _CROSS_W),
+                    (-1, _CROSS_W),
+                    (-1, -_CROSS_W),
+                    (-_CROSS_W, -_CROSS_W),
+                ]
+            ],
+            True,
+        )
+    ],
     "heart": [(_HEART, True)],
     "ring": [(_ngon(48, 0.95), True), (_ngon(48, 0.55), False)],
     "crescent": [(_ngon(48, 0.95), True), (_ngon(48, 0.8, cx=0.45), False)],
@@ -118,7 +145,7 @@ def _texture(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray
     elif kind == 2:  # smooth blotchy noise: a coarse random grid, upsampled
         grid = int(rng.integers(3, 9))
         coarse = Image.fromarray(rng.random((grid, grid), dtype=np.float32), "F")
-        w = np.asarray(coarse.resize((size, size), Image.BICUBIC))
+        w = np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC))
         w = np.clip((w - w.min()) / max(float(np.ptp(w)), 1e-6), 0.0, 1.0)
     else:  # linear gradient
         w = (u - u.min()) / max(float(np.ptp(u)), 1e-6)
@@ -128,13 +155,13 @@ def _texture(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray
 def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Two background colours and a fill far enough from both that the shape is always visible."""
     c1 = rng.uniform(0, 255, 3)
-    # Low-contrast texture: still a nuisance that defeats raw pixels (kNN 0.24, chance 0.10), but the shape stays
-    # the dominant structure two crops share; at +-110 the texture outweighed it for short SSL runs.
+    # Low-contrast texture: still a nuisance that defeats raw pixels, but the shape stays the dominant structure two
+    # crops share (a stronger texture outweighs it in short SSL runs).
     c2 = np.clip(c1 + rng.uniform(-40, 40, 3), 0, 255)
-    best, best_d = None, -1.0
+    best, best_d = c1, -1.0  # the first draw always replaces c1 (distances are >= 0)
     for _ in range(16):
         fill = rng.uniform(0, 255, 3)
-        d = min(np.linalg.norm(fill - c1), np.linalg.norm(fill - c2))
+        d = float(min(np.linalg.norm(fill - c1), np.linalg.norm(fill - c2)))
         if d > best_d:
             best, best_d = fill, d
         if d >= 130:
@@ -153,7 +180,10 @@ def _shape_mask(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
     draw = ImageDraw.Draw(mask)
     for poly, on in _SHAPE_LAYERS[kind]:
         pts = [
-            ((cx + scale * (x * cos_t - y * sin_t)) * _SUPERSAMPLE, (cy + scale * (x * sin_t + y * cos_t)) * _SUPERSAMPLE)
+            (
+                (cx + scale * (x * cos_t - y * sin_t)) * _SUPERSAMPLE,
+                (cy + scale * (x * sin_t + y * cos_t)) * _SUPERSAMPLE,
+            )
             for x, y in poly
         ]
         draw.polygon(pts, fill=255 if on else 0)
@@ -180,7 +210,8 @@ def shapes_samples(split: str, count: int, seed: int = 0, size: int = 32) -> Ite
     """``count`` shape images for ``split`` (any name; each gets its own random stream from ``seed``).
 
     Deterministic: the same (split, seed, size) always gives the same images, and a shorter run is a prefix of a
-    longer one. Classes cycle in a seeded shuffled order in blocks of ten, so any prefix is balanced to within one per class.
+    longer one. Classes cycle in a seeded shuffled order in blocks of ten, so any prefix is balanced to within one
+    per class.
     """
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
@@ -233,7 +264,7 @@ def digits_samples(split: str, seed: int = 0, size: int = 32) -> Iterator[dict]:
     indices, target = _digits_split(split, seed)
     for i, j in enumerate(indices):
         gray = Image.fromarray(np.round(images[j] * (255 / 16)).astype(np.uint8), "L")
-        rgb = gray.resize((size, size), Image.BICUBIC).convert("RGB")
+        rgb = gray.resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
         yield {"__key__": f"digits-{split}-{i:05d}", "png": _png(np.asarray(rgb)), "cls": int(target[j])}
 
 
@@ -243,6 +274,40 @@ def _shapes_entry(split: str, count: int, seed: int = 0, size: int = 32) -> Iter
 
 def _digits_entry(split: str, count: int | None = None, seed: int = 0, size: int = 32) -> Iterator[dict]:
     return digits_samples(split, seed=seed, size=size)  # fixed split sizes: ``count`` does not apply
+
+
+def synthetic_jpeg(index: int, width: int | None = None, height: int | None = None, classes: int = 1000) -> dict:
+    """A labelled JPEG sample that compresses and decodes like a photo (smooth fields, edges, grain), for benchmarks.
+
+    A function of ``index`` alone; without ``width``/``height`` it has an ImageNet-like size (440-560 x 330-420).
+    The label is random in ``[0, classes)``.
+    """
+    rng = np.random.default_rng(index)
+    drawn_width, drawn_height = int(rng.integers(440, 560)), int(rng.integers(330, 420))
+    width, height = width or drawn_width, height or drawn_height
+    field = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize(
+        (width, height), Image.Resampling.BICUBIC
+    )
+    y, x = np.mgrid[0:height, 0:width]
+    gradient = (np.cos(2 * np.pi * (x * rng.random() + y * rng.random()) / width + rng.random() * 6) * 40)[..., None]
+    img = Image.fromarray(np.clip(np.asarray(field, dtype=np.float32) + gradient, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 9))):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        box = (
+            x0,
+            y0,
+            x0 + int(rng.integers(20, max(21, width // 2))),
+            y0 + int(rng.integers(20, max(21, height // 2))),
+        )
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if int(rng.integers(0, 2)) == 0 else draw.rectangle)(box, fill=colour)
+    img = img.filter(ImageFilter.GaussianBlur(1.2))
+    grain = rng.normal(0, 6, (height, width, 3))
+    arr = np.clip(np.asarray(img, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return {"__key__": f"{index:08d}", "jpg": buf.getvalue(), "cls": int(rng.integers(0, classes))}
 
 
 class EmbeddedDataset(NamedTuple):

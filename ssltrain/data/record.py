@@ -20,7 +20,8 @@ class SampleRecord:
         self.keys = keys
         folder = run_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
-        self.file = open(folder / f"rank-{rank:05d}.jsonl", "a", buffering=1)  # line-buffered: a crash loses no line
+        # Open for the whole run (closed by close()), line-buffered: a crash loses no line.
+        self.file = open(folder / f"rank-{rank:05d}.jsonl", "a", buffering=1)  # noqa: SIM115
         self.rank = rank
 
     def write(self, step: int, micro: int, index: Tensor) -> None:

@@ -14,9 +14,9 @@ import os
 import re
 import tarfile
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import webdataset as wds
 
@@ -90,7 +90,9 @@ def scan_tar(tar_path: Path) -> ShardIndex:
             return ShardIndex(tar_path, [], truncated=False)
         truncated = True
         if not samples:
-            raise DataError(f"shard '{tar_path}' is not a readable tar file ({err}); re-write it with `ssltrain shards`") from None
+            raise DataError(
+                f"shard '{tar_path}' is not a readable tar file ({err}); re-write it with `ssltrain shards`"
+            ) from None
     if truncated and samples:
         samples.pop()  # its members may continue past the cut: only whole samples are indexed
     return ShardIndex(tar_path, samples, truncated)
@@ -169,17 +171,23 @@ def expand_shards(spec: str, what: str = "data.train") -> list[Path]:
             if p.is_dir():
                 found = sorted(p.glob("*.tar"))
                 if not found:
-                    raise DataError(f"'{p}' ({what}) holds no .tar shards; write some with `ssltrain shards ... --out {p}`")
+                    raise DataError(
+                        f"'{p}' ({what}) holds no .tar shards; write some with `ssltrain shards ... --out {p}`"
+                    )
                 paths.extend(found)
             elif any(ch in item for ch in "*?["):
                 found = sorted(Path(x) for x in glob.glob(item))
                 if not found:
-                    raise DataError(f"no shards match '{item}' ({what}); check the path or write shards with `ssltrain shards`")
+                    raise DataError(
+                        f"no shards match '{item}' ({what}); check the path or write shards with `ssltrain shards`"
+                    )
                 paths.extend(found)
             elif p.is_file():
                 paths.append(p)
             else:
-                raise DataError(f"shard '{p}' ({what}) does not exist; check the path or write shards with `ssltrain shards`")
+                raise DataError(
+                    f"shard '{p}' ({what}) does not exist; check the path or write shards with `ssltrain shards`"
+                )
     return paths
 
 
@@ -196,14 +204,15 @@ def load_indices(paths: Iterable[Path], skipped: list[tuple[Path, str]] | None =
             reason = f"it cannot be read ({err.strerror if isinstance(err, OSError) else err})"
         if index is not None and not index.samples:
             reason = "it holds no samples"
-        if reason:
+        if reason or index is None:
             warnings.warn(f"shard '{path}' is skipped: {reason}; re-write it with `ssltrain shards`", stacklevel=2)
             if skipped is not None:
                 skipped.append((path, reason))
             continue
         if index.truncated:
             warnings.warn(
-                f"shard '{path}' is truncated: samples past its end are skipped and counted; re-write it with `ssltrain shards`",
+                f"shard '{path}' is truncated: samples past its end are skipped and counted; re-write it with "
+                "`ssltrain shards`",
                 stacklevel=2,
             )
         indices.append(index)

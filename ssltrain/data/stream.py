@@ -10,10 +10,11 @@ The last incomplete global batch of an epoch is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -37,12 +38,16 @@ class ShardCatalog:
     has no shared file offset, so forked DataLoader workers can share descriptors safely.
     """
 
-    def __init__(self, indices: list[ShardIndex], spec: str = "", skipped_shards: list[tuple[Path, str]] | None = None) -> None:
+    def __init__(
+        self, indices: list[ShardIndex], spec: str = "", skipped_shards: list[tuple[Path, str]] | None = None
+    ) -> None:
         self.skipped_shards = skipped_shards or []  # (path, reason) of shards left out because they cannot be read
         if not indices:
             why = "".join(f"; '{p}': {r}" for p, r in self.skipped_shards[:3])
-            raise DataError(f"no readable samples in shards '{spec}'{why}; check them with `ssltrain shards verify` "
-                            f"or re-write them")
+            raise DataError(
+                f"no readable samples in shards '{spec}'{why}; check them with `ssltrain shards verify` "
+                f"or re-write them"
+            )
         self.paths = [idx.path for idx in indices]
         self.spec = spec
         self.keys: list[str] = []
@@ -52,7 +57,7 @@ class ShardCatalog:
             for entry in idx.samples:
                 self.keys.append(entry.key)
                 shard.append(sid)
-                # the sample's media: an image, or a video clip (`ssltrain shards video`, read by data/video.py)
+                # the sample's media: an image, or a video clip (`ssltrain shards video`, read by data/loaders/video.py)
                 ext = next((e for e in (*IMAGE_EXTS, *VIDEO_EXTS) if e in entry.components), None)
                 image = entry.components[ext] if ext else None
                 self.video_samples += ext in VIDEO_EXTS
@@ -70,7 +75,7 @@ class ShardCatalog:
         self._pid = os.getpid()
 
     @classmethod
-    def from_spec(cls, spec: str, what: str = "data.train") -> "ShardCatalog":
+    def from_spec(cls, spec: str, what: str = "data.train") -> ShardCatalog:
         skipped: list[tuple[Path, str]] = []
         return cls(load_indices(expand_shards(spec, what), skipped), spec, skipped)
 
@@ -135,10 +140,8 @@ class ShardCatalog:
     def __del__(self) -> None:
         if getattr(self, "_pid", None) == os.getpid():
             for fd in getattr(self, "_fds", {}).values():
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
 
 
 _M64 = 0xFFFFFFFFFFFFFFFF
@@ -198,7 +201,10 @@ class GlobalBatchSampler:
         if global_batch % world_size:
             raise DataError(f"global batch {global_batch} is not divisible by the world size {world_size}")
         if num_samples < global_batch:
-            raise DataError(f"the data holds {num_samples} samples, fewer than one global batch of {global_batch}; lower data.batch_size")
+            raise DataError(
+                f"the data holds {num_samples} samples, fewer than one global batch of {global_batch}; lower "
+                "data.batch_size"
+            )
         if start % global_batch:
             raise DataError(f"start position {start} is not at a global batch boundary ({global_batch})")
         self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed

@@ -11,9 +11,19 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ssltrain.data.loaders.cpu import _DECODE_ERRORS, decode_image
-from ssltrain.data.shards import (IMAGE_EXTS, VIDEO_EXTS, DataError, ShardIndex, _parse_index, expand_shards, index_path_for,
-                                  iter_members, scan_tar, write_index)
+from ssltrain.data.loaders.cpu import DECODE_ERRORS, decode_image
+from ssltrain.data.shards import (
+    IMAGE_EXTS,
+    VIDEO_EXTS,
+    DataError,
+    ShardIndex,
+    _parse_index,
+    expand_shards,
+    index_path_for,
+    iter_members,
+    scan_tar,
+    write_index,
+)
 
 
 @dataclass
@@ -42,13 +52,16 @@ class VerifyReport:
 
 def _compare_index(indexed: ShardIndex, scanned: ShardIndex) -> list[str]:
     if len(indexed.samples) != len(scanned.samples):
-        return [f"index lists {len(indexed.samples)} samples, the tar holds {len(scanned.samples)}; rebuild it "
-                f"with --fix-index"]
+        return [
+            f"index lists {len(indexed.samples)} samples, the tar holds {len(scanned.samples)}; rebuild it "
+            f"with --fix-index"
+        ]
     for a, b in zip(indexed.samples, scanned.samples):
         where = {e: (c.offset, c.size) for e, c in a.components.items()}
         if a.key != b.key or where != {e: (c.offset, c.size) for e, c in b.components.items()}:
-            return [f"index entry for '{a.key}' does not match the tar (tar has '{b.key}'); rebuild it with "
-                    f"--fix-index"]
+            return [
+                f"index entry for '{a.key}' does not match the tar (tar has '{b.key}'); rebuild it with --fix-index"
+            ]
     return []
 
 
@@ -61,12 +74,12 @@ def _check_sample(key: str, data: dict[str, bytes], decode: bool) -> list[str]:
     elif images and decode:
         try:
             decode_image(data[images[0]])
-        except _DECODE_ERRORS as err:
+        except DECODE_ERRORS as err:
             problems.append(f"{key}: image does not decode ({type(err).__name__}: {err})")
     elif videos and not data[videos[0]]:
         problems.append(f"{key}: video member is empty")
     elif videos and decode:
-        from ssltrain.data.loaders.video import FFmpegError, decode_clip, probe
+        from ssltrain.data.video_io import FFmpegError, decode_clip, probe  # imports ffmpeg-python: only for video
 
         try:
             info = probe(data[videos[0]])

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from PIL import Image
 
@@ -101,11 +101,7 @@ def _visible(path: Path, root: Path) -> bool:
 
 def _image_files(folder: Path, root: Path) -> list[Path]:
     """Image files under ``folder`` (recursive), by extension, hidden ones left out, in sorted order."""
-    found = [
-        p
-        for p in folder.rglob("*")
-        if p.suffix[1:].lower() in IMAGE_EXTS and _visible(p, root) and p.is_file()
-    ]
+    found = [p for p in folder.rglob("*") if p.suffix[1:].lower() in IMAGE_EXTS and _visible(p, root) and p.is_file()]
     return sorted(found, key=lambda p: p.relative_to(root).parts)
 
 
@@ -142,7 +138,9 @@ def imagefolder_samples(root: Path) -> tuple[list[str], FolderSamples]:
     for label, class_dir in enumerate(class_dirs):
         found = _image_files(class_dir, root)
         if not found:
-            warnings.warn(f"class folder '{class_dir}' holds no images; its label {label} will have no samples", stacklevel=2)
+            warnings.warn(
+                f"class folder '{class_dir}' holds no images; its label {label} will have no samples", stacklevel=2
+            )
         files.extend((p, label) for p in found)
     if not files:
         raise DataError(
@@ -157,5 +155,7 @@ def unlabeled_samples(root: Path) -> FolderSamples:
     root = _check_root(root, "images")
     files = _image_files(root, root)
     if not files:
-        raise DataError(f"'{root}' holds no image files ({', '.join(IMAGE_EXTS)}), searched recursively; check the path")
+        raise DataError(
+            f"'{root}' holds no image files ({', '.join(IMAGE_EXTS)}), searched recursively; check the path"
+        )
     return FolderSamples(root, [(p, None) for p in files])

@@ -1,0 +1,41 @@
+"""The training input pipeline: from the rank's slice of the global sample stream to batches of ``Views``.
+
+One seam for the three renderers of the same sample stream (``GlobalBatchSampler``): the CPU image path
+(``cpu``: DataLoader workers, torchvision), the DALI image path (``dali``: ``data.loader=dali``) and the video
+path (``video``: ``data.modality=video``). All three plug into the one seeded dataset (``dataset``) and take the
+sampler as given, so the exact, elastic resume property holds for all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ssltrain.config import Config, ConfigError
+from ssltrain.data.loaders.cpu import build_cpu_loader
+from ssltrain.data.loaders.dataset import Views
+from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
+
+
+def build_train_loader(
+    cfg: Config, catalog: ShardCatalog, sampler: GlobalBatchSampler, device: torch.device
+) -> Iterable[Views]:
+    """An iterable of this rank's batches, one per item of ``sampler``, in order."""
+    if cfg.data.modality == "image" and catalog.video_samples:
+        raise ConfigError(
+            f"'{cfg.data.train}' holds {catalog.video_samples} video clips; train on them with "
+            f"data.modality=video (and data.video.mode=frames for an image backbone)"
+        )
+    if cfg.data.modality == "video":
+        from ssltrain.data.loaders.video import build_video_loader  # imports ffmpeg-python: only when asked for
+
+        return build_video_loader(cfg, catalog, sampler, device)
+    if cfg.data.loader == "dali":
+        from ssltrain.data.loaders.dali import build_dali_loader
+
+        return build_dali_loader(cfg, catalog, sampler, device)
+    return build_cpu_loader(cfg, catalog, sampler, device)
+
+
+__all__ = ["Views", "build_train_loader"]

@@ -4,10 +4,9 @@ Why it is built this way:
 
 - Exact resume. Samples come from our ``GlobalBatchSampler`` through ``fn.external_source``, never from a DALI
   reader, so the order is the sample stream's and a resumed run continues it exactly. Every random choice is drawn on
-  the host, per sample, by :func:`draw_params`: ViewRenderer's own draws (``RandomResizedCrop.get_params``, its
-  coins, ``ColorJitter.get_params``) in its order, from torch's generator seeded with ``sample_seed(seed,
-  position)``. DALI only applies them (no DALI random op), so a view is a function of (seed, position) alone: the
-  same as on the CPU path, run after run, whatever the thread or worker count.
+  the host, per sample, by :func:`ssltrain.data.augment.draw` inside the seeded dataset, exactly as the CPU renderer
+  draws it. DALI only applies the drawn ``ViewParams`` (no DALI random op), so a view is a function of (seed,
+  position) alone: the same as on the CPU path, run after run, whatever the thread or worker count.
 - Decode once: each image is decoded once (``mixed``: on the GPU) and every global and local view is cut from it.
 - torchvision's semantics op for op, on uint8-valued pixels: brightness, contrast (pivot: the mean of the floored
   luma), saturation, HSV hue, the truncation to uint8 after each, grayscale, blur (odd kernel ~10% of the side,
@@ -19,10 +18,8 @@ Why it is built this way:
   PIL (another format or mode, a JPEG without its end) is rendered by the CPU renderer with the same parameters and
   put in its place. Should DALI still fail on a batch, that batch is rendered on the CPU.
 
-Costs to know: the host draws take ~0.2 ms per view and sample on one core (as on the CPU path), spread over
-``data.workers`` processes; the graph is large (a copy of each jitter op per order slot and view: ~700 DALI
-operators for 2 views, ~2900 for 2 + 6), so per-operator overhead, not pixels, may bound a GPU: measure with
-``bench/data.py``.
+The graph holds a copy of each jitter op per order slot and view, so per-operator overhead, not pixels, may bound
+a GPU: measure with ``bench/data.py``.
 """
 
 from __future__ import annotations
@@ -31,83 +28,39 @@ import io
 import logging
 import sys
 from collections import deque
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
-from torchvision import transforms as T
 
 from ssltrain.config import Config
-from ssltrain.data.augment import CPURenderer, ViewRenderer
-from ssltrain.data.loaders.cpu import _DECODE_ERRORS, AugmentedShards, Sample, Skipped, Views, make_loader
-from ssltrain.data.loaders.pipeline import build_cpu_loader
-from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog, sample_seed
+from ssltrain.data.augment import BRIGHTNESS, CONTRAST, HUE, SATURATION, CPURenderer, ViewParams, ViewSpec
+from ssltrain.data.loaders.cpu import DECODE_ERRORS, AugmentedShards, build_cpu_loader, decode_reason
+from ssltrain.data.loaders.dataset import Sample, SeededSamples, Skipped, Unreadable, Views, make_loader
+from ssltrain.data.stream import GlobalBatchSampler, RawSample, ShardCatalog
 
 log = logging.getLogger(__name__)
 
-BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's op numbers
 DALI_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "PPM", "WEBP", "JPEG2000"}  # PIL's names of formats DALI decodes
 DALI_MODES = {"RGB", "RGBA", "L", "LA", "P"}  # PIL modes whose convert("RGB") DALI reproduces (checked)
 INSTALL_HINT = "pip install nvidia-dali-cuda130 (CUDA 13; nvidia-dali-cuda120 for CUDA 12)"
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's grayscale weights
 
-fn = types = dmath = pipeline_def = None  # nvidia.dali modules, bound by _import_dali(): DALI is optional
+fn: Any = None  # nvidia.dali modules, bound by _import_dali(): DALI is optional
+types: Any = None
+dmath: Any = None
+pipeline_def: Any = None
 
 
 def _import_dali() -> None:
     global fn, types, dmath, pipeline_def
-    from nvidia.dali import fn, pipeline_def, types  # noqa: F811
-    import nvidia.dali.math as dmath  # noqa: F811
-
-
-# --- the random draws, on the host ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ViewParams:
-    """Every random choice of one view, as ViewRenderer makes it."""
-
-    crop: tuple[int, int, int, int]  # top, left, height, width in the decoded image
-    flip: bool
-    order: tuple[int, ...]  # colour-jitter ops applied, in order; () when jitter is off
-    factors: tuple[float, float, float, float]  # brightness, contrast, saturation, hue (unused: 1, 1, 1, 0)
-    grayscale: bool
-    blur: bool
-    sigma: float
-    solarize: bool
-
-
-def _shape_only(height: int, width: int) -> Tensor:
-    """An image-shaped tensor without storage: all that ``RandomResizedCrop.get_params`` reads of an image."""
-    return torch.empty((), dtype=torch.uint8).expand(3, height, width)
-
-
-def draw_view(view: ViewRenderer, height: int, width: int) -> ViewParams:
-    """ViewRenderer's draws, with its samplers and in its order, for an image of the given size."""
-    top, left, h, w = T.RandomResizedCrop.get_params(_shape_only(height, width), view.scale, view.ratio)
-    flip = view._coin(view.flip_p)
-    order: tuple[int, ...] = ()
-    factors = (1.0, 1.0, 1.0, 0.0)
-    if view._coin(view.jitter_p):
-        perm, *values = T.ColorJitter.get_params(*view.jitter_ranges)
-        order = tuple(op for op in perm.tolist() if values[op] is not None)
-        factors = tuple(float(v) if v is not None else d for v, d in zip(values, factors))
-    grayscale = view._coin(view.grayscale_p)
-    blur = view._coin(view.blur_p)
-    sigma = float(torch.empty(1).uniform_(*view.blur_sigma)) if blur else 0.0
-    return ViewParams((top, left, h, w), flip, order, factors, grayscale, blur, sigma, view._coin(view.solarize_p))
-
-
-def draw_params(renderer: CPURenderer, height: int, width: int, seed: int) -> list[ViewParams]:
-    """The parameters of all views of one sample (global, then local): what ``renderer`` draws under ``seed``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return [draw_view(v, height, width) for v in renderer.global_views + renderer.local_views]
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, pipeline_def, types
 
 
 # --- host side: read, check, draw --------------------------------------------------------------------------------
@@ -140,34 +93,29 @@ def _dali_decodes_like_pil(img: Image.Image, data: bytes) -> bool:
     if img.format == "PNG":
         try:
             img.verify()  # chunk CRCs, no decompression
-        except _DECODE_ERRORS:
+        except DECODE_ERRORS:
             return False
     return True
 
 
-class _HostPrep(Dataset):
-    """Reads a sample, checks its header without decoding the pixels, and draws its view parameters."""
+class _HostDraws:
+    """DALI's renderer in the seeded dataset: checks the image's header without decoding the pixels, draws the
+    parameters of every view."""
 
-    def __init__(self, catalog: ShardCatalog, renderer: CPURenderer, seed: int) -> None:
-        self.catalog, self.renderer, self.seed = catalog, renderer, seed
+    def __init__(self, renderer: CPURenderer) -> None:
+        self.renderer = renderer
 
-    def __len__(self) -> int:
-        return len(self.catalog)
-
-    def __getitem__(self, item: tuple[int, int]) -> _Ready | _OnCPU | Skipped:
-        sample_id, position = item
-        raw = self.catalog.read(sample_id)
-        if raw.image is None:
-            return Skipped(f"{raw.shard}:{raw.key}", raw.problem)
+    def __call__(self, raw: RawSample, sample_id: int, position: int) -> _Ready | _OnCPU:
+        assert raw.image is not None  # the dataset skips samples without one
         try:
             img = Image.open(io.BytesIO(raw.image))
-        except _DECODE_ERRORS as err:  # the CPU path fails on the same call, with this reason
-            return Skipped(f"{raw.shard}:{raw.key}", f"cannot decode image ({type(err).__name__}: {err})")
+        except DECODE_ERRORS as err:  # the CPU path fails on the same call, with this reason
+            raise Unreadable(decode_reason(err)) from None
         with img:
             (width, height), ok = img.size, _dali_decodes_like_pil(img, raw.image)
         if not ok:
             return _OnCPU(sample_id, position)
-        params = draw_params(self.renderer, height, width, sample_seed(self.seed, position))
+        params = self.renderer.draw(height, width)
         return _Ready(np.frombuffer(raw.image, dtype=np.uint8), params, sample_id, position, raw.label)
 
 
@@ -187,20 +135,31 @@ class _ViewPlan:
     solarize: bool
 
     @classmethod
-    def of(cls, view: ViewRenderer) -> "_ViewPlan":
-        ops = tuple(op for op, r in enumerate(view.jitter_ranges) if r is not None) if view.jitter_p > 0 else ()
-        return cls(view.size[0], view.blur_kernel, view.flip_p > 0, ops, view.grayscale_p > 0, view.blur_p > 0,
-                   view.solarize_p > 0)
+    def of(cls, view: ViewSpec) -> _ViewPlan:
+        return cls(
+            view.size,
+            view.blur_kernel,
+            view.flip_p > 0,
+            view.jitter_ops,
+            view.grayscale_p > 0,
+            view.blur_p > 0,
+            view.solarize_p > 0,
+        )
 
     def columns(self, params: list[ViewParams]) -> dict[str, np.ndarray]:
         """This view's per-sample inputs for a batch: one array per field, the outer dimension is the sample."""
         crops = np.array([p.crop for p in params], dtype=np.int32).reshape(-1, 4)
-        cols = {"anchor": np.ascontiguousarray(crops[:, :2]), "shape": np.ascontiguousarray(crops[:, 2:])}
+        cols: dict[str, np.ndarray] = {
+            "anchor": np.ascontiguousarray(crops[:, :2]),
+            "shape": np.ascontiguousarray(crops[:, 2:]),
+        }
         if self.flip:
             cols["flip"] = np.array([p.flip for p in params], dtype=np.int32)
         for slot in range(len(self.ops)):
             for op in self.ops:
-                cols[f"slot{slot}_op{op}"] = np.array([len(p.order) > slot and p.order[slot] == op for p in params], dtype=bool)
+                cols[f"slot{slot}_op{op}"] = np.array(
+                    [len(p.order) > slot and p.order[slot] == op for p in params], dtype=bool
+                )
         f = np.array([p.factors for p in params], dtype=np.float64).reshape(-1, 4)
         if BRIGHTNESS in self.ops:
             cols["b"] = f[:, 0]
@@ -230,7 +189,7 @@ def _quantize(x: Any) -> Any:
 
 def _luma(x: Any) -> Any:
     """The floored luma [H, W, 1] that torchvision's colour ops compute on uint8 images."""
-    return dmath.floor(fn.reductions.sum(x * types.Constant(np.float32(LUMA)), axes=2, keep_dims=True))
+    return dmath.floor(fn.reductions.sum(x * types.Constant(np.array(LUMA, dtype=np.float32)), axes=2, keep_dims=True))
 
 
 def _brightness(x: Any, v: dict) -> Any:
@@ -252,8 +211,11 @@ def _hue(x: Any, v: dict) -> Any:
     span = maxc - minc
     div = span + (span == 0.0)  # grey pixels: any hue, span 0 keeps them grey
     not_r = maxc != r
-    sextant = ((maxc == r) * ((g - b) / div) + ((maxc == g) & not_r) * (2.0 + (b - r) / div)
-               + ((maxc != g) & not_r) * (4.0 + (r - g) / div))
+    sextant = (
+        (maxc == r) * ((g - b) / div)
+        + ((maxc == g) & not_r) * (2.0 + (b - r) / div)
+        + ((maxc != g) & not_r) * (4.0 + (r - g) / div)
+    )
     phase = sextant + v["hue"]  # [H, W, 3]: per channel, hue + shift + channel phase, all in sextants
     phase = phase - 6.0 * dmath.floor(phase / 6.0)
     t = dmath.clamp(dmath.min(phase, 4.0 - phase), 0.0, 1.0)
@@ -277,7 +239,8 @@ _JITTER = {BRIGHTNESS: _brightness, CONTRAST: _contrast, SATURATION: _saturation
 
 
 def _render_view(image: Any, v: dict, plan: _ViewPlan, mean: list[float], std: list[float]) -> Any:
-    """One view in ViewRenderer's order; flip comes last, in the normalisation (it commutes with all the rest)."""
+    """One view in :func:`ssltrain.data.augment.apply`'s order; flip comes last, in the normalisation (it commutes
+    with all the rest). An outer ``if`` is decided when the graph is built, an inner one per sample by DALI."""
     x = fn.slice(image, v["anchor"], v["shape"], axes=[0, 1])
     x = fn.resize(x, size=[plan.size, plan.size], interp_type=types.INTERP_LINEAR, antialias=True)
     x = fn.cast(x, dtype=types.FLOAT)
@@ -285,17 +248,23 @@ def _render_view(image: Any, v: dict, plan: _ViewPlan, mean: list[float], std: l
         for op in plan.ops:
             if v[f"slot{slot}_op{op}"]:
                 x = _JITTER[op](x, v)
-    if plan.grayscale:
+    if plan.grayscale:  # noqa: SIM102 - a graph-build-time condition around a per-sample DALI conditional
         if v["grayscale"]:
             x = _grayscale(x)
-    if plan.blur:
+    if plan.blur:  # noqa: SIM102 - as above
         if v["blur"]:
             x = _blur(x, v, plan.kernel)
-    if plan.solarize:
+    if plan.solarize:  # noqa: SIM102 - as above
         if v["solarize"]:
             x = _solarize(x)
-    return fn.crop_mirror_normalize(x, mirror=v["flip"] if plan.flip else 0, mean=[255.0 * m for m in mean],
-                                    std=[255.0 * s for s in std], dtype=types.FLOAT, output_layout="CHW")
+    return fn.crop_mirror_normalize(
+        x,
+        mirror=v["flip"] if plan.flip else 0,
+        mean=[255.0 * m for m in mean],
+        std=[255.0 * s for s in std],
+        dtype=types.FLOAT,
+        output_layout="CHW",
+    )
 
 
 @contextmanager
@@ -309,16 +278,30 @@ def _deep_recursion(limit: int = 20_000) -> Iterator[None]:
         sys.setrecursionlimit(old)
 
 
-def _build_pipeline(plans: list[_ViewPlan], feed: "_Feed", batch_size: int, num_threads: int,
-                    device_id: int | None, mean: list[float], std: list[float]) -> Any:
+def _build_pipeline(
+    plans: list[_ViewPlan],
+    feed: _Feed,
+    batch_size: int,
+    num_threads: int,
+    device_id: int | None,
+    mean: list[float],
+    std: list[float],
+) -> Any:
     n_inputs = 1 + sum(len(p.fields()) for p in plans)
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=2,
-                  enable_conditionals=True, exec_dynamic=True)
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        prefetch_queue_depth=2,
+        enable_conditionals=True,
+        exec_dynamic=True,
+    )
     def graph():
         inputs = fn.external_source(source=feed, num_outputs=n_inputs, batch=True)
-        image = fn.decoders.image(inputs[0], device="cpu" if device_id is None else "mixed", output_type=types.RGB,
-                                  adjust_orientation=False)  # PIL ignores EXIF orientation too
+        image = fn.decoders.image(
+            inputs[0], device="cpu" if device_id is None else "mixed", output_type=types.RGB, adjust_orientation=False
+        )  # PIL ignores EXIF orientation too
         outputs, i = [], 1
         for plan in plans:
             names = plan.fields()
@@ -350,7 +333,7 @@ class _Collate:
         ready = [x for x in items if isinstance(x, _Ready)]
         if not ready:
             return _HostBatch(items, None)
-        inputs = [[x.data for x in ready]]
+        inputs: list[Any] = [[x.data for x in ready]]
         for v, plan in enumerate(self.plans):
             inputs += plan.columns([x.params[v] for x in ready]).values()
         return _HostBatch(items, tuple(inputs))
@@ -396,10 +379,10 @@ class DaliLoader:
     def __init__(self, cfg: Config, catalog: ShardCatalog, sampler: GlobalBatchSampler, device_id: int | None) -> None:
         _import_dali()
         self.renderer = CPURenderer(cfg.augment)
-        self.plans = [_ViewPlan.of(v) for v in self.renderer.global_views + self.renderer.local_views]
+        self.plans = [_ViewPlan.of(v) for v in self.renderer.views]
         self.n_global = len(self.renderer.global_views)
         self.sampler, self.workers = sampler, cfg.data.workers
-        self.host = _HostPrep(catalog, self.renderer, cfg.seed)
+        self.host = SeededSamples(catalog, _HostDraws(self.renderer), cfg.seed)
         self.cpu = AugmentedShards(catalog, self.renderer, cfg.seed)
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self._pipe_args = (sampler.local_batch, max(1, cfg.data.workers), device_id, cfg.augment.mean, cfg.augment.std)
@@ -437,8 +420,11 @@ class DaliLoader:
             if error is not None:
                 self.failures += 1
                 if self.failures <= 10 or self.failures % 1000 == 0:
-                    log.warning("DALI failed on a batch (%d so far); rendering it on the CPU with the same parameters: "
-                                "%s", self.failures, _error_summary(error))
+                    log.warning(
+                        "DALI failed on a batch (%d so far); rendering it on the CPU with the same parameters: %s",
+                        self.failures,
+                        _error_summary(error),
+                    )
                 items = [_OnCPU(x.index, x.position) if isinstance(x, _Ready) else x for x in items]
             yield self._assemble(items, outputs)
         while pending:
@@ -479,9 +465,14 @@ class DaliLoader:
         if rendered is not None and all(isinstance(r, int) for r in rows):
             views = rendered
         else:
+            dali_rows = rendered if rendered is not None else []  # None: every row was rendered on the CPU
             views = [
-                torch.stack([rendered[v][r] if isinstance(r, int) else (r.global_views + r.local_views)[v].to(self.device)
-                             for r in rows])
+                torch.stack(
+                    [
+                        dali_rows[v][r] if isinstance(r, int) else (r.global_views + r.local_views)[v].to(self.device)
+                        for r in rows
+                    ]
+                )
                 for v in range(len(self.plans))
             ]
         return Views(
@@ -502,25 +493,38 @@ def _error_summary(err: BaseException) -> str:
     return f"{where}: {cause}"[:300] if where else cause[:300]
 
 
-def build_dali_loader(cfg: Config, catalog: ShardCatalog, sampler: GlobalBatchSampler,
-                      device: torch.device) -> Iterable[Views]:
+def build_dali_loader(
+    cfg: Config, catalog: ShardCatalog, sampler: GlobalBatchSampler, device: torch.device
+) -> Iterable[Views]:
     """DALI on ``device`` (``mixed`` decode on a GPU, CPU mode otherwise), or the CPU loader when DALI cannot run."""
     try:
         _import_dali()
     except Exception as err:  # ImportError, or a broken install failing to load its libraries
-        log.warning("data.loader=dali, but NVIDIA DALI cannot be imported (%s: %s): using the CPU loader instead. "
-                    "Install DALI with `%s`, or set data.loader=torch.", type(err).__name__, err, INSTALL_HINT)
+        log.warning(
+            "data.loader=dali, but NVIDIA DALI cannot be imported (%s: %s): using the CPU loader instead. "
+            "Install DALI with `%s`, or set data.loader=torch.",
+            type(err).__name__,
+            err,
+            INSTALL_HINT,
+        )
         return build_cpu_loader(cfg, catalog, sampler, device)
     device_id = None
     if device.type == "cuda":
         device_id = device.index if device.index is not None else torch.cuda.current_device()
     else:
-        log.warning("data.loader=dali without a GPU: DALI runs in CPU mode (device_id=None, %d threads). It renders "
-                    "the same views, but the GPU decode is what makes it fast; data.loader=torch may be faster here.",
-                    max(1, cfg.data.workers))
+        log.warning(
+            "data.loader=dali without a GPU: DALI runs in CPU mode (device_id=None, %d threads). It renders "
+            "the same views, but the GPU decode is what makes it fast; data.loader=torch may be faster here.",
+            max(1, cfg.data.workers),
+        )
     try:
         return DaliLoader(cfg, catalog, sampler, device_id)
     except RuntimeError as err:
-        log.warning("DALI cannot run on %s (%s): using the CPU loader instead. Check that the DALI wheel matches the "
-                    "CUDA driver (`%s`), or set data.loader=torch.", device, _error_summary(err), INSTALL_HINT)
+        log.warning(
+            "DALI cannot run on %s (%s): using the CPU loader instead. Check that the DALI wheel matches the "
+            "CUDA driver (`%s`), or set data.loader=torch.",
+            device,
+            _error_summary(err),
+            INSTALL_HINT,
+        )
         return build_cpu_loader(cfg, catalog, sampler, device)

@@ -1,0 +1,142 @@
+"""The one seeded dataset every renderer plugs into, and the batch it collates to (``Views``).
+
+The sampler hands the dataset ``(sample_id, position)`` pairs. :class:`SeededSamples` reads the sample, seeds
+torch's generator from ``(seed, position)`` and calls a renderer (CPU views, DALI's host preparation, video
+views): every random draw of a sample is then a function of (seed, position) alone, independent of the worker
+count, so a resumed run renders exactly what it would have. A sample that cannot be used is skipped and reported
+in the batch (``Views.skipped``): one bad sample in a million never stops a run or hangs a worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ssltrain.data.stream import GlobalBatchSampler, RawSample, ShardCatalog, sample_seed
+
+
+@dataclass
+class Views:
+    """One batch: the global and local views (each [B, 3, H, W]), dataset indices, labels if every sample has one."""
+
+    global_views: list[Tensor]
+    local_views: list[Tensor]
+    index: Tensor
+    label: Tensor | None
+    skipped: list[str] = field(default_factory=list)  # "shard:key: reason" for each sample dropped from the batch
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.index.numel())
+
+    def to(self, device: torch.device, non_blocking: bool = True) -> Views:
+        def move(t: Tensor) -> Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        return Views(
+            [move(v) for v in self.global_views],
+            [move(v) for v in self.local_views],
+            move(self.index),
+            move(self.label) if self.label is not None else None,
+            self.skipped,
+        )
+
+
+@dataclass
+class Skipped:
+    where: str
+    reason: str
+
+
+@dataclass
+class Sample:
+    global_views: list[Tensor]
+    local_views: list[Tensor]
+    index: int
+    label: int | None
+
+
+class Unreadable(Exception):
+    """Raised by a renderer for a sample it cannot use; the dataset reports it as skipped, with this reason."""
+
+
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Renderer(Protocol[T_co]):
+    """Turns one read sample into what a loader collates; called with torch's generator seeded for the sample."""
+
+    def __call__(self, raw: RawSample, sample_id: int, position: int) -> T_co: ...
+
+
+T = TypeVar("T")
+
+
+class SeededSamples(Dataset, Generic[T]):
+    """Map-style dataset over a catalog: read, seed from (seed, position), render; skip what cannot be used."""
+
+    def __init__(self, catalog: ShardCatalog, render: Renderer[T], seed: int) -> None:
+        self.catalog, self.render, self.seed = catalog, render, seed
+
+    def __len__(self) -> int:
+        return len(self.catalog)
+
+    def __getitem__(self, item: tuple[int, int]) -> T | Skipped:
+        sample_id, position = item
+        raw = self.catalog.read(sample_id)
+        if raw.image is None:
+            return Skipped(f"{raw.shard}:{raw.key}", raw.problem)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, position))
+            try:
+                return self.render(raw, sample_id, position)
+            except Unreadable as err:
+                return Skipped(f"{raw.shard}:{raw.key}", str(err))
+
+
+def collate_views(items: list[Sample | Skipped]) -> Views:
+    """Stack view ``v`` of every good sample into one tensor; record the skipped ones."""
+    good = [x for x in items if isinstance(x, Sample)]
+    skipped = [f"{x.where}: {x.reason}" for x in items if isinstance(x, Skipped)]
+    if not good:
+        return Views([], [], torch.empty(0, dtype=torch.long), None, skipped)
+    n_global, n_local = len(good[0].global_views), len(good[0].local_views)
+    labels = [x.label for x in good]
+    return Views(
+        [torch.stack([x.global_views[v] for x in good]) for v in range(n_global)],
+        [torch.stack([x.local_views[v] for x in good]) for v in range(n_local)],
+        torch.tensor([x.index for x in good], dtype=torch.long),
+        torch.tensor(labels, dtype=torch.long) if all(lbl is not None for lbl in labels) else None,
+        skipped,
+    )
+
+
+WORKER_TIMEOUT_S = 600
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode one sample at a time; the main process owns the cores for compute
+
+
+def make_loader(
+    dataset: Dataset,
+    workers: int,
+    pin_memory: bool = False,
+    batch_sampler: GlobalBatchSampler | None = None,
+    batch_size: int | None = None,
+    collate: Callable[[list[Any]], Any] = collate_views,
+) -> DataLoader:
+    """A DataLoader over ``dataset`` in the sampler's order; a worker stuck on I/O raises instead of hanging."""
+    kwargs: dict[str, Any] = dict(num_workers=workers, collate_fn=collate, pin_memory=pin_memory)
+    if workers > 0:
+        kwargs.update(
+            worker_init_fn=_worker_init, prefetch_factor=2, persistent_workers=False, timeout=WORKER_TIMEOUT_S
+        )
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, **kwargs)
