@@ -17,6 +17,7 @@ product) at the rate of a bf16 torch.matmul of that shape measured in the same r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -102,15 +103,17 @@ def _print_row(shape: str, row: dict) -> None:
 
 
 def run_gpu(args) -> list[dict]:
-    import ssltrain.kernels as K
+    from ssltrain.losses import dispatch as D
 
     warmup, reps = (2, 5) if args.quick else (3, 20)
     ns, ds = ((1024,), (2048,)) if args.quick else ((256, 1024, 4096), (2048, 8192))
     prec = os.environ.get("SSLTRAIN_TRITON_DOT_PRECISION", "tf32x3")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  fp32 dot precision: {prec}")
     print(TARGETS)
-    print(f"{'loss':<14}{'shape':<22}{'eager ms':>10}{'fused ms':>10}{'speedup':>9}{'eager MiB':>11}{'fused MiB':>11}"
-          f"{'mem':>8}  floor")
+    print(
+        f"{'loss':<14}{'shape':<22}{'eager ms':>10}{'fused ms':>10}{'speedup':>9}{'eager MiB':>11}{'fused MiB':>11}"
+        f"{'mem':>8}  floor"
+    )
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for d in ds:
@@ -118,14 +121,22 @@ def run_gpu(args) -> list[dict]:
             rate = _matmul_tflops(n, d, warmup, reps)
             floor = 2.0 * min(n, d) * n * d
             z_a = (torch.randn(n, d, device="cuda", generator=gen) + 0.2).to(torch.bfloat16).requires_grad_()
-            z_b = (0.8 * z_a.detach().float() + 0.6 * torch.randn(n, d, device="cuda", generator=gen))
+            z_b = 0.8 * z_a.detach().float() + 0.6 * torch.randn(n, d, device="cuda", generator=gen)
             z_b = z_b.to(torch.bfloat16).requires_grad_()
             shape = f"N={n} D={d}"
             for name, fused, eager, inputs in (
-                ("vicreg_reg", lambda z: K.vicreg_regularizer(z, impl="triton"),
-                 lambda z: K.vicreg_regularizer(z, impl="eager"), [z_a]),
-                ("barlow_twins", lambda a, b: K.barlow_twins(a, b, impl="triton"),
-                 lambda a, b: K.barlow_twins(a, b, impl="eager"), [z_a, z_b]),
+                (
+                    "vicreg_reg",
+                    lambda z: D.vicreg_regularizer(z, impl="triton"),
+                    lambda z: D.vicreg_regularizer(z, impl="eager"),
+                    [z_a],
+                ),
+                (
+                    "barlow_twins",
+                    lambda a, b: D.barlow_twins(a, b, impl="triton"),
+                    lambda a, b: D.barlow_twins(a, b, impl="eager"),
+                    [z_a, z_b],
+                ),
             ):
                 row = _bench_pair(name, fused, eager, inputs, warmup, reps, floor, rate)
                 row.update(n=n, d=d, matmul_tflops=rate)
@@ -134,15 +145,25 @@ def run_gpu(args) -> list[dict]:
             del z_a, z_b
     n, d = (4096, 256) if args.quick else (16384, 256)
     base = torch.randn(n, d, device="cuda", generator=gen)
-    views = [(base + 0.7 * torch.randn(n, d, device="cuda", generator=gen)).to(torch.bfloat16).requires_grad_()
-             for _ in range(4)]
+    views = [
+        (base + 0.7 * torch.randn(n, d, device="cuda", generator=gen)).to(torch.bfloat16).requires_grad_()
+        for _ in range(4)
+    ]
     for label, rows_idx in (("all rows", None), ("1/8 rows", torch.randperm(2 * n, device="cuda")[: 2 * n // 8])):
         shape = f"N={n} D={d} {label}"
         for name, fused, eager, inputs in (
-            ("nt_xent", lambda a, b: K.nt_xent(a, b, 0.1, rows=rows_idx, impl="triton"),
-             lambda a, b: K.nt_xent(a, b, 0.1, rows=rows_idx, impl="eager"), views[:2]),
-            ("cissl", lambda *x: K.cissl(*x, 0.07, rows=rows_idx, impl="triton"),
-             lambda *x: K.cissl(*x, 0.07, rows=rows_idx, impl="eager"), views),
+            (
+                "nt_xent",
+                functools.partial(D.nt_xent, temperature=0.1, rows=rows_idx, impl="triton"),
+                functools.partial(D.nt_xent, temperature=0.1, rows=rows_idx, impl="eager"),
+                views[:2],
+            ),
+            (
+                "cissl",
+                functools.partial(D.cissl, temperature=0.07, rows=rows_idx, impl="triton"),
+                functools.partial(D.cissl, temperature=0.07, rows=rows_idx, impl="eager"),
+                views,
+            ),
         ):
             row = _bench_pair(name, fused, eager, inputs, warmup, reps)
             row.update(n=n, d=d, rows=label)
@@ -155,19 +176,22 @@ def run_cpu_interpret() -> None:
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first used
     import time
 
-    import ssltrain.kernels as K
     from ssltrain import losses
+    from ssltrain.losses import dispatch as D
 
     torch.manual_seed(0)
     n, d = 13, 40
     z_a = torch.randn(n, d, requires_grad=True)
     z_b = (z_a.detach() + 0.5 * torch.randn(n, d)).requires_grad_()
     cases = (
-        ("vicreg_reg", lambda: K.vicreg_regularizer(z_a, impl="triton"),
-         lambda: (losses.variance_hinge(z_a), losses.covariance_offdiag(z_a))),
-        ("barlow_twins", lambda: K.barlow_twins(z_a, z_b, impl="triton"), lambda: losses.barlow_twins_loss(z_a, z_b)),
-        ("nt_xent", lambda: K.nt_xent(z_a, z_b, impl="triton"), lambda: losses.nt_xent_loss(z_a, z_b)),
-        ("cissl", lambda: K.cissl(z_a, z_b, z_b, z_a, impl="triton"), lambda: losses.cissl_loss(z_a, z_b, z_b, z_a)),
+        (
+            "vicreg_reg",
+            lambda: D.vicreg_regularizer(z_a, impl="triton"),
+            lambda: (losses.variance_hinge(z_a), losses.covariance_offdiag(z_a)),
+        ),
+        ("barlow_twins", lambda: D.barlow_twins(z_a, z_b, impl="triton"), lambda: losses.barlow_twins_loss(z_a, z_b)),
+        ("nt_xent", lambda: D.nt_xent(z_a, z_b, impl="triton"), lambda: losses.nt_xent_loss(z_a, z_b)),
+        ("cissl", lambda: D.cissl(z_a, z_b, z_b, z_a, impl="triton"), lambda: losses.cissl_loss(z_a, z_b, z_b, z_a)),
     )
     print(f"Triton interpreter on CPU, N={n} D={d} fp32 (timings are the interpreter's, meaningless for a GPU)")
     for name, fused, eager in cases:
@@ -211,8 +235,10 @@ def run_compile_only(capability: int) -> None:
     spills = 0
     print(f"compiled {len(recs)} kernel variants for sm_{capability}a (GPU launch configurations)")
     for r in recs:
-        print(f"{r['kernel']:<20} warps={r.get('num_warps')} stages={r.get('num_stages')} shared={r['shared']:>6}  "
-              f"{r['resources']:<28} {r['blocks']}  {r['flags']}")
+        print(
+            f"{r['kernel']:<20} warps={r.get('num_warps')} stages={r.get('num_stages')} shared={r['shared']:>6}  "
+            f"{r['resources']:<28} {r['blocks']}  {r['flags']}"
+        )
         spills += "stack=0 " not in r["resources"] + " "
     print(f"{spills} variant(s) use a stack (register spills)")
 
@@ -232,8 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         run_cpu_interpret()
         return 0
     if not torch.cuda.is_available():
-        print("No CUDA device: nothing to benchmark. The fused kernels only pay off on a GPU. Use --cpu-interpret to "
-              "run tiny shapes under the Triton interpreter, or --compile-only to check that every kernel compiles.")
+        print(
+            "No CUDA device: nothing to benchmark. The fused kernels only pay off on a GPU. Use --cpu-interpret to "
+            "run tiny shapes under the Triton interpreter, or --compile-only to check that every kernel compiles."
+        )
         return 0
     rows = run_gpu(args)
     if args.json:

@@ -1,15 +1,16 @@
 """Fused Triton kernels for the loss and covariance terms (installed as ``ssltrain.kernels``).
 
-Each function computes exactly what its eager reference in :mod:`ssltrain.losses` computes (the specification),
-with a hand-written backward pass, and picks its implementation with ``impl``:
+Each entry point computes what its eager reference in :mod:`ssltrain.losses` computes (the specification), with a
+hand-written backward pass. :mod:`ssltrain.losses.dispatch` validates the inputs and picks, per call, the
+reference or these kernels; :func:`resolve_impl` says which of the two can run for ``loss.impl``:
 
-* ``"eager"``: call the reference.
+* ``"eager"``: the reference.
 * ``"triton"``: the fused kernels. On CUDA tensors they compile; on CPU tensors they run only under the Triton
   interpreter (``TRITON_INTERPRET=1`` set before the first kernel is used), which is what the tests do.
 * ``"auto"`` (default): ``"triton"`` when every tensor is on CUDA and triton imports, else ``"eager"``.
 
-Nothing here imports triton until a Triton path runs, so CPU-only installs without triton work with the eager
-path. Inputs may be bf16/fp16/fp32/fp64; the kernels compute in fp32 (fp64 for fp64 inputs) and return the
+Nothing here imports triton until a kernel runs, so CPU-only installs without triton work with the eager path.
+Inputs may be bf16/fp16/fp32/fp64; the kernels compute in fp32 (fp64 for fp64 inputs) and return the
 reference's dtypes: loss terms in the compute dtype, gradients in the input dtype.
 
 Kernel design notes are in the docstrings of ``_cov`` (VICReg, Barlow Twins) and ``_infonce`` (NT-Xent, CISSL).
@@ -24,8 +25,6 @@ import os
 
 import torch
 from torch import Tensor
-
-from ssltrain import losses as _ref
 
 __all__ = ["IMPLS", "barlow_twins", "cissl", "nt_xent", "resolve_impl", "vicreg_regularizer"]
 
@@ -81,33 +80,21 @@ def resolve_impl(impl: str, *tensors: Tensor | None) -> str:
     )
 
 
-def _on_device(t: Tensor):
+def _on_device(t: Tensor) -> contextlib.AbstractContextManager[object]:
     """Triton launches on the current CUDA device: make it the inputs' device (autograd does so for backward)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def vicreg_regularizer(z: Tensor, gamma: float = 1.0, eps: float = 1e-4, impl: str = "auto") -> tuple[Tensor, Tensor]:
+def vicreg_regularizer(z: Tensor, gamma: float = 1.0, eps: float = 1e-4) -> tuple[Tensor, Tensor]:
     """``(variance_hinge(z, gamma, eps), covariance_offdiag(z))`` of one VICReg branch."""
-    if resolve_impl(impl, z) == "eager":
-        return _ref.variance_hinge(z, gamma, eps), _ref.covariance_offdiag(z)
-    _ref._check_batch(z, "z")
     from . import _cov
 
     with _on_device(z):
         return _cov.VICRegRegularizer.apply(z, float(gamma), float(eps), None, torch.is_grad_enabled())
 
 
-def barlow_twins(
-    z_a: Tensor, z_b: Tensor, lambd: float = 0.0051, eps: float = 1e-5, impl: str = "auto"
-) -> dict[str, Tensor]:
-    """:func:`ssltrain.losses.barlow_twins_loss`: dict with ``loss``, ``on_diag``, ``off_diag``."""
-    if resolve_impl(impl, z_a, z_b) == "eager":
-        return _ref.barlow_twins_loss(z_a, z_b, lambd, eps)
-    _ref._check_pair(z_a, z_b)
-    if lambd < 0:
-        raise ValueError(f"lambd must be >= 0, got {lambd}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+def barlow_twins(z_a: Tensor, z_b: Tensor, lambd: float = 0.0051, eps: float = 1e-5) -> dict[str, Tensor]:
+    """``barlow_twins_loss``: dict with ``loss``, ``on_diag``, ``off_diag``."""
     from . import _cov
 
     with _on_device(z_a):
@@ -117,39 +104,27 @@ def barlow_twins(
     return {"loss": loss, "on_diag": on_diag, "off_diag": off_diag}
 
 
-def _rows_index(rows: Tensor | None, total: int, device: torch.device) -> tuple[Tensor, bool]:
-    idx = _ref._check_rows(rows, total, device)
-    return idx.to(torch.int32).contiguous(), rows is None
-
-
-def nt_xent(
-    z_a: Tensor, z_b: Tensor, temperature: float = 0.1, rows: Tensor | None = None, impl: str = "auto"
-) -> dict[str, Tensor]:
-    """:func:`ssltrain.losses.nt_xent_loss`: dict with ``loss`` and (detached) ``accuracy``."""
-    if resolve_impl(impl, z_a, z_b) == "eager":
-        return _ref.nt_xent_loss(z_a, z_b, temperature, rows=rows)
-    _ref._check_positive(temperature, "temperature")
-    _ref._check_pair(z_a, z_b)
-    idx, all_rows = _rows_index(rows, 2 * z_a.shape[0], z_a.device)
+def nt_xent(z_a: Tensor, z_b: Tensor, temperature: float, rows: Tensor, all_rows: bool) -> dict[str, Tensor]:
+    """``nt_xent_loss`` of the stacked rows ``rows`` (an index into the 2N rows; ``all_rows``: every row, in
+    order): dict with ``loss`` and (detached) ``accuracy``."""
     from . import _infonce
 
     with _on_device(z_a):
-        loss, accuracy = _infonce.NTXent.apply(z_a, z_b, idx, all_rows, float(temperature))
+        loss, accuracy = _infonce.NTXent.apply(z_a, z_b, _int32(rows), all_rows, float(temperature))
     return {"loss": loss, "accuracy": accuracy}
 
 
 def cissl(
-    s_a: Tensor, s_b: Tensor, t_a: Tensor, t_b: Tensor, temperature: float = 0.07, rows: Tensor | None = None,
-    impl: str = "auto",
+    s_a: Tensor, s_b: Tensor, t_a: Tensor, t_b: Tensor, temperature: float, rows: Tensor, all_rows: bool
 ) -> dict[str, Tensor]:
-    """:func:`ssltrain.losses.cissl_loss`: dict with ``loss`` and (detached) ``accuracy``."""
-    if resolve_impl(impl, s_a, s_b, t_a, t_b) == "eager":
-        return _ref.cissl_loss(s_a, s_b, t_a, t_b, temperature, rows=rows)
-    _ref._check_positive(temperature, "temperature")
-    _ref._check_same(2, s_a=s_a, s_b=s_b, t_a=t_a, t_b=t_b)
-    idx, all_rows = _rows_index(rows, 2 * s_a.shape[0], s_a.device)
+    """``cissl_loss`` of the stacked rows ``rows`` (as in :func:`nt_xent`): dict with ``loss`` and (detached)
+    ``accuracy``."""
     from . import _infonce
 
     with _on_device(s_a):
-        loss, accuracy = _infonce.CISSL.apply(s_a, s_b, t_a, t_b, idx, all_rows, float(temperature))
+        loss, accuracy = _infonce.CISSL.apply(s_a, s_b, t_a, t_b, _int32(rows), all_rows, float(temperature))
     return {"loss": loss, "accuracy": accuracy}
+
+
+def _int32(rows: Tensor) -> Tensor:
+    return rows.to(torch.int32).contiguous()

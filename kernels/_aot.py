@@ -20,8 +20,14 @@ from triton.compiler import ASTSource
 
 from . import _runtime as rt
 
-_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64",
-        torch.int32: "*i32", torch.int64: "*i64"}
+_PTR = {
+    torch.bfloat16: "*bf16",
+    torch.float16: "*fp16",
+    torch.float32: "*fp32",
+    torch.float64: "*fp64",
+    torch.int32: "*i32",
+    torch.int64: "*i64",
+}
 
 
 def _signature(kernel, args, kwargs):
@@ -70,13 +76,18 @@ def compile_all(fn, capability: int = 90) -> list[dict]:
         key = f"{kernel.__name__}{sorted((k, str(v)) for k, v in consts.items())}{sorted(sig.items())}{opts}"
         if key in seen:
             return
-        src = ASTSource(kernel, {k: v for k, v in sig.items()}, consts)
+        src = ASTSource(kernel, dict(sig), consts)
         ck = triton.compile(src, target=target, options=opts)
         is_block = {k: isinstance(v, int) and not isinstance(v, bool) for k, v in consts.items()}
         flags = ",".join(f"{k}={v}" for k, v in consts.items() if not is_block[k])
-        seen[key] = {"kernel": kernel.__name__, "flags": flags,
-                     "blocks": ",".join(f"{k}={v}" for k, v in consts.items() if is_block[k]),
-                     "shared": ck.metadata.shared, "resources": _resources(ck.asm["cubin"]), **opts}
+        seen[key] = {
+            "kernel": kernel.__name__,
+            "flags": flags,
+            "blocks": ",".join(f"{k}={v}" for k, v in consts.items() if is_block[k]),
+            "shared": ck.metadata.shared,
+            "resources": _resources(ck.asm["cubin"]),
+            **opts,
+        }
 
     rt.LAUNCH_HOOK = hook
     try:

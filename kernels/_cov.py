@@ -47,7 +47,7 @@ from . import _runtime as rt
 @triton.jit
 def _sqrt(x, ACC: tl.constexpr):
     """Correctly rounded square root (tl.sqrt is approximate for fp32 on NVIDIA; sqrt_rn has no fp64 form)."""
-    if ACC == tl.float64:
+    if tl.float64 == ACC:
         return tl.sqrt(x)
     else:
         return tl.sqrt_rn(x)
@@ -55,10 +55,27 @@ def _sqrt(x, ACC: tl.constexpr):
 
 @triton.jit
 def _colstats_kernel(
-    za_ptr, s_an, s_ad, zb_ptr, s_bn, s_bd,
-    mean_a_ptr, scale_a_ptr, mean_b_ptr, scale_b_ptr, v1_ptr, v2_ptr, v3_ptr,
-    N, D, gamma, eps,
-    PAIR: tl.constexpr, ACC: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    za_ptr,
+    s_an,
+    s_ad,
+    zb_ptr,
+    s_bn,
+    s_bd,
+    mean_a_ptr,
+    scale_a_ptr,
+    mean_b_ptr,
+    scale_b_ptr,
+    v1_ptr,
+    v2_ptr,
+    v3_ptr,
+    N,
+    D,
+    gamma,
+    eps,
+    PAIR: tl.constexpr,
+    ACC: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
 ):
     """Column statistics, two passes over the rows (mean, then centred sums) per block of columns.
 
@@ -124,13 +141,31 @@ def _load_std_rows(z_ptr, s_n, s_d, mean_ptr, scale_ptr, rows, ks, N, D, ACC: tl
 
 @triton.jit
 def _gram_kernel(
-    za_ptr, s_an, s_ad, ma_ptr, sa_ptr,
-    zb_ptr, s_bn, s_bd, mb_ptr, sb_ptr,
-    ga_ptr, gb_ptr, s_gm, s_gn,
-    part_ptr, ti_ptr, tj_ptr,
-    N, D,
-    PAIR: tl.constexpr, STORE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr,
+    za_ptr,
+    s_an,
+    s_ad,
+    ma_ptr,
+    sa_ptr,
+    zb_ptr,
+    s_bn,
+    s_bd,
+    mb_ptr,
+    sb_ptr,
+    ga_ptr,
+    gb_ptr,
+    s_gm,
+    s_gn,
+    part_ptr,
+    ti_ptr,
+    tj_ptr,
+    N,
+    D,
+    PAIR: tl.constexpr,
+    STORE: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
 ):
     """Tile (ti, tj), ti <= tj, of G_a = X_a X_a^T (and G_b); writes sum(G_a * G_b) (or sum G_a^2) over the tile,
     doubled off the diagonal, to part[pid]; with STORE, writes the tile and its mirror image to G."""
@@ -176,13 +211,35 @@ def _load_std_cols(z_ptr, s_n, s_d, mean_ptr, scale_ptr, rows, cols, N, D, ACC: 
 
 @triton.jit
 def _cross_kernel(
-    za_ptr, s_an, s_ad, ma_ptr, sa_ptr,
-    zb_ptr, s_bn, s_bd, mb_ptr, sb_ptr,
-    c_ptr, s_cm, s_cn,
-    part_ptr, rowsq_ptr, colsq_ptr, ti_ptr, tj_ptr,
-    N, D, scale,
-    PAIR: tl.constexpr, SYM: tl.constexpr, STORE: tl.constexpr, ROWCOL: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+    za_ptr,
+    s_an,
+    s_ad,
+    ma_ptr,
+    sa_ptr,
+    zb_ptr,
+    s_bn,
+    s_bd,
+    mb_ptr,
+    sb_ptr,
+    c_ptr,
+    s_cm,
+    s_cn,
+    part_ptr,
+    rowsq_ptr,
+    colsq_ptr,
+    ti_ptr,
+    tj_ptr,
+    N,
+    D,
+    scale,
+    PAIR: tl.constexpr,
+    SYM: tl.constexpr,
+    STORE: tl.constexpr,
+    ROWCOL: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    BD: tl.constexpr,
+    BK: tl.constexpr,
 ):
     """Tile (ti, tj) of C = scale * X_a^T X_b (X_b = X_a unless PAIR), diagonal masked to 0. Writes sum C^2 over the
     tile (doubled for an off-diagonal tile when SYM) to part[pid]; with ROWCOL the tile's row sums of C^2 to
@@ -221,17 +278,47 @@ def _cross_kernel(
 
 @triton.jit
 def _mm_kernel(
-    l_ptr, s_lm, s_lk, lmean_ptr, lscale_ptr,
-    r_ptr, s_rk, s_rn, rmean_ptr, rscale_ptr,
+    l_ptr,
+    s_lm,
+    s_lk,
+    lmean_ptr,
+    lscale_ptr,
+    r_ptr,
+    s_rk,
+    s_rn,
+    rmean_ptr,
+    rscale_ptr,
     coef_ptr,
-    x1_ptr, s_x1m, s_x1n, x1mean_ptr, x1scale_ptr, d1_ptr,
-    x2_ptr, s_x2m, s_x2n, x2mean_ptr, x2scale_ptr, d2_ptr,
+    x1_ptr,
+    s_x1m,
+    s_x1n,
+    x1mean_ptr,
+    x1scale_ptr,
+    d1_ptr,
+    x2_ptr,
+    s_x2m,
+    s_x2n,
+    x2mean_ptr,
+    x2scale_ptr,
+    d2_ptr,
     oscale_ptr,
-    out_ptr, s_om, s_on,
-    psum_ptr, pdot_ptr,
-    M, NC, K,
-    L_IS_Z: tl.constexpr, R_IS_Z: tl.constexpr, HAS_X2: tl.constexpr, STATS: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    out_ptr,
+    s_om,
+    s_on,
+    psum_ptr,
+    pdot_ptr,
+    M,
+    NC,
+    K,
+    L_IS_Z: tl.constexpr,
+    R_IS_Z: tl.constexpr,
+    HAS_X2: tl.constexpr,
+    STATS: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
 ):
     """out[rows, cols] = coef * (L @ R) + X1 * d1[cols]                        (STATS: kept for a second pass,
                                                                                with per-row-block column sums of
@@ -253,14 +340,16 @@ def _mm_kernel(
             lt = _load_std_rows(l_ptr, s_lm, s_lk, lmean_ptr, lscale_ptr, rows, ks, M, K, ACC)
         else:
             lm = rmask[:, None] & (ks < K)[None, :]
-            lt = tl.load(l_ptr + rows.to(tl.int64)[:, None] * s_lm + ks.to(tl.int64)[None, :] * s_lk,
-                         mask=lm, other=0.0).to(ACC)
+            lt = tl.load(
+                l_ptr + rows.to(tl.int64)[:, None] * s_lm + ks.to(tl.int64)[None, :] * s_lk, mask=lm, other=0.0
+            ).to(ACC)
         if R_IS_Z:
             rt_ = _load_std_rows(r_ptr, s_rk, s_rn, rmean_ptr, rscale_ptr, ks, cols, K, NC, ACC)
         else:
             rm = (ks < K)[:, None] & cmask[None, :]
-            rt_ = tl.load(r_ptr + ks.to(tl.int64)[:, None] * s_rk + cols.to(tl.int64)[None, :] * s_rn,
-                          mask=rm, other=0.0).to(ACC)
+            rt_ = tl.load(
+                r_ptr + ks.to(tl.int64)[:, None] * s_rk + cols.to(tl.int64)[None, :] * s_rn, mask=rm, other=0.0
+            ).to(ACC)
         acc = tl.dot(lt, rt_, acc, input_precision=PREC, out_dtype=ACC)
     coef = tl.load(coef_ptr).to(ACC)
     x1 = _load_std_rows(x1_ptr, s_x1m, s_x1n, x1mean_ptr, x1scale_ptr, rows, cols, M, NC, ACC)
@@ -287,9 +376,24 @@ def _mm_kernel(
 
 @triton.jit
 def _bn_finish_kernel(
-    g_ptr, s_gm, s_gn, z_ptr, s_zm, s_zn, mean_ptr, scale_ptr, gmean_ptr, r_ptr,
-    out_ptr, s_om, s_on, M, NC,
-    ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    g_ptr,
+    s_gm,
+    s_gn,
+    z_ptr,
+    s_zm,
+    s_zn,
+    mean_ptr,
+    scale_ptr,
+    gmean_ptr,
+    r_ptr,
+    out_ptr,
+    s_om,
+    s_on,
+    M,
+    NC,
+    ACC: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
 ):
     """BatchNorm backward: out = (g - gmean[cols] - X * r[cols]) * scale[cols], X = (z - mean) * scale."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -310,7 +414,7 @@ def _bn_finish_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 # launchers
 
-_TRIU_CACHE: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+_TRIU_CACHE: dict[tuple[int, str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _tiles(nt: int, device: torch.device, upper: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,17 +440,38 @@ def colstats(z_a: torch.Tensor, z_b: torch.Tensor | None, acc: torch.dtype, gamm
     dev = z_a.device
     pair = z_b is not None
     vecs = [rt.empty((d,), acc, dev) for _ in range(5)]
-    if pair:
+    if z_b is not None:
         mean_a, scale_a, mean_b, scale_b, v1 = vecs
         v2 = v3 = v1
     else:
         mean_a, scale_a, v1, v2, v3 = vecs
         z_b, mean_b, scale_b = z_a, mean_a, scale_a
     cfg = rt.COLSTATS
-    rt.launch(_colstats_kernel, (rt.cdiv(d, cfg["BD"]),),
-        z_a, z_a.stride(0), z_a.stride(1), z_b, z_b.stride(0), z_b.stride(1),
-        mean_a, scale_a, mean_b, scale_b, v1, v2, v3, n, d, float(gamma), float(eps),
-        PAIR=pair, ACC=rt.tl_dtype(acc), BN=cfg["BN"], BD=cfg["BD"], **rt.launch_opts(cfg.get("num_warps", 4), 1),
+    rt.launch(
+        _colstats_kernel,
+        (rt.cdiv(d, cfg["BD"]),),
+        z_a,
+        z_a.stride(0),
+        z_a.stride(1),
+        z_b,
+        z_b.stride(0),
+        z_b.stride(1),
+        mean_a,
+        scale_a,
+        mean_b,
+        scale_b,
+        v1,
+        v2,
+        v3,
+        n,
+        d,
+        float(gamma),
+        float(eps),
+        PAIR=pair,
+        ACC=rt.tl_dtype(acc),
+        BN=cfg["BN"],
+        BD=cfg["BD"],
+        **rt.launch_opts(cfg.get("num_warps", 4), 1),
     )
     return vecs
 
@@ -364,11 +489,34 @@ def gram(z_a, mean_a, scale_a, z_b, mean_b, scale_b, acc: torch.dtype, store: bo
     g_b = rt.empty((n, n), acc, dev) if (store and pair) else g_a
     if not pair:
         z_b, mean_b, scale_b = z_a, mean_a, scale_a
-    rt.launch(_gram_kernel, (ti.numel(),),
-        z_a, z_a.stride(0), z_a.stride(1), mean_a, scale_a,
-        z_b, z_b.stride(0), z_b.stride(1), mean_b, scale_b,
-        g_a, g_b, n, 1, part, ti, tj, n, d,
-        PAIR=pair, STORE=store, ACC=rt.tl_dtype(acc), PREC=rt.dot_precision(acc), BM=bm, BK=cfg["BK"],
+    rt.launch(
+        _gram_kernel,
+        (ti.numel(),),
+        z_a,
+        z_a.stride(0),
+        z_a.stride(1),
+        mean_a,
+        scale_a,
+        z_b,
+        z_b.stride(0),
+        z_b.stride(1),
+        mean_b,
+        scale_b,
+        g_a,
+        g_b,
+        n,
+        1,
+        part,
+        ti,
+        tj,
+        n,
+        d,
+        PAIR=pair,
+        STORE=store,
+        ACC=rt.tl_dtype(acc),
+        PREC=rt.dot_precision(acc),
+        BM=bm,
+        BK=cfg["BK"],
         **rt.launch_opts(cfg.get("num_warps", 4)),
     )
     total = part.to(torch.float64).sum()
@@ -392,12 +540,39 @@ def cross(z_a, mean_a, scale_a, z_b, mean_b, scale_b, acc: torch.dtype, scale: f
     colsq = rt.empty((nt, d), acc, dev) if rowcol else part
     if not pair:
         z_b, mean_b, scale_b = z_a, mean_a, scale_a
-    rt.launch(_cross_kernel, (ti.numel(),),
-        z_a, z_a.stride(0), z_a.stride(1), mean_a, scale_a,
-        z_b, z_b.stride(0), z_b.stride(1), mean_b, scale_b,
-        c, d, 1, part, rowsq, colsq, ti, tj, n, d, scale,
-        PAIR=pair, SYM=sym, STORE=store, ROWCOL=rowcol, ACC=rt.tl_dtype(acc), PREC=rt.dot_precision(acc),
-        BD=bd, BK=cfg["BK"], **rt.launch_opts(cfg.get("num_warps", 4)),
+    rt.launch(
+        _cross_kernel,
+        (ti.numel(),),
+        z_a,
+        z_a.stride(0),
+        z_a.stride(1),
+        mean_a,
+        scale_a,
+        z_b,
+        z_b.stride(0),
+        z_b.stride(1),
+        mean_b,
+        scale_b,
+        c,
+        d,
+        1,
+        part,
+        rowsq,
+        colsq,
+        ti,
+        tj,
+        n,
+        d,
+        scale,
+        PAIR=pair,
+        SYM=sym,
+        STORE=store,
+        ROWCOL=rowcol,
+        ACC=rt.tl_dtype(acc),
+        PREC=rt.dot_precision(acc),
+        BD=bd,
+        BK=cfg["BK"],
+        **rt.launch_opts(cfg.get("num_warps", 4)),
     )
     total = part.to(torch.float64).sum()
     rows = rowsq.sum(0) if rowcol else None
@@ -436,13 +611,43 @@ def mm(out, left, right, coef, x1, x2, oscale, acc, stats=False):
         d2 = d1
     if oscale is None:
         oscale = d1
-    rt.launch(_mm_kernel, (nrb, rt.cdiv(nc, bn)),
-        *l_args, *r_args, coef,
-        z1, z1.stride(0), z1.stride(1), mean1, scale1, d1,
-        z2, z2.stride(0), z2.stride(1), mean2, scale2, d2,
-        oscale, out, out.stride(0), out.stride(1), psum, pdot, m, nc, k,
-        L_IS_Z=left[0] == "z", R_IS_Z=right[0] == "z", HAS_X2=has_x2, STATS=stats, ACC=rt.tl_dtype(acc),
-        PREC=rt.dot_precision(acc), BM=bm, BN=bn, BK=cfg["BK"], **rt.launch_opts(cfg.get("num_warps", 4)),
+    rt.launch(
+        _mm_kernel,
+        (nrb, rt.cdiv(nc, bn)),
+        *l_args,
+        *r_args,
+        coef,
+        z1,
+        z1.stride(0),
+        z1.stride(1),
+        mean1,
+        scale1,
+        d1,
+        z2,
+        z2.stride(0),
+        z2.stride(1),
+        mean2,
+        scale2,
+        d2,
+        oscale,
+        out,
+        out.stride(0),
+        out.stride(1),
+        psum,
+        pdot,
+        m,
+        nc,
+        k,
+        L_IS_Z=left[0] == "z",
+        R_IS_Z=right[0] == "z",
+        HAS_X2=has_x2,
+        STATS=stats,
+        ACC=rt.tl_dtype(acc),
+        PREC=rt.dot_precision(acc),
+        BM=bm,
+        BN=bn,
+        BK=cfg["BK"],
+        **rt.launch_opts(cfg.get("num_warps", 4)),
     )
     return (psum, pdot) if stats else None
 
@@ -450,10 +655,28 @@ def mm(out, left, right, coef, x1, x2, oscale, acc, stats=False):
 def bn_finish(out, g, z, mean, scale, gmean, r, acc):
     m, nc = out.shape
     cfg = rt.ELEMWISE
-    rt.launch(_bn_finish_kernel, (rt.cdiv(m, cfg["BM"]), rt.cdiv(nc, cfg["BN"])),
-        g, g.stride(0), g.stride(1), z, z.stride(0), z.stride(1), mean, scale, gmean, r,
-        out, out.stride(0), out.stride(1), m, nc,
-        ACC=rt.tl_dtype(acc), BM=cfg["BM"], BN=cfg["BN"], **rt.launch_opts(cfg.get("num_warps", 4), 1),
+    rt.launch(
+        _bn_finish_kernel,
+        (rt.cdiv(m, cfg["BM"]), rt.cdiv(nc, cfg["BN"])),
+        g,
+        g.stride(0),
+        g.stride(1),
+        z,
+        z.stride(0),
+        z.stride(1),
+        mean,
+        scale,
+        gmean,
+        r,
+        out,
+        out.stride(0),
+        out.stride(1),
+        m,
+        nc,
+        ACC=rt.tl_dtype(acc),
+        BM=cfg["BM"],
+        BN=cfg["BN"],
+        **rt.launch_opts(cfg.get("num_warps", 4), 1),
     )
 
 
@@ -465,8 +688,7 @@ class VICRegRegularizer(torch.autograd.Function):
     """(variance_hinge(z), covariance_offdiag(z)) of one branch."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, gamma: float, eps: float, force_gram: bool | None = None,
-                want_grad: bool = True):
+    def forward(ctx, z: torch.Tensor, gamma: float, eps: float, force_gram: bool | None = None, want_grad: bool = True):
         n, d = z.shape
         acc = rt.acc_dtype(z)
         store = want_grad and ctx.needs_input_grad[0]  # want_grad: grad mode was on at the call
@@ -495,6 +717,8 @@ class VICRegRegularizer(torch.autograd.Function):
         g_var, g_cov = g_var.to(acc), g_cov.to(acc)
         # d variance / d z_c[:, j] = -1[std_j < gamma] z_c[:, j] / (D (N-1) std_j)
         alpha = -g_var * ((ctx.gamma - std) > 0).to(acc) / (d * (n - 1) * std)
+        left: tuple[object, ...]  # a stored matrix, or z rebuilt as X = (z - mean) * scale
+        right: tuple[object, ...]
         if ctx.use_gram:
             # 4/(D (N-1)^2) * (z_c (z_c^T z_c) - z_c diag(s)),  z_c (z_c^T z_c) = G z_c,  s_j = (N-1) var_j
             alpha = alpha - 4.0 * g_cov * var / (d * (n - 1))
@@ -513,8 +737,15 @@ class VICRegRegularizer(torch.autograd.Function):
 
 class BarlowTwins(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z_a: torch.Tensor, z_b: torch.Tensor, lambd: float, eps: float, force_gram: bool | None = None,
-                want_grad: bool = True):
+    def forward(
+        ctx,
+        z_a: torch.Tensor,
+        z_b: torch.Tensor,
+        lambd: float,
+        eps: float,
+        force_gram: bool | None = None,
+        want_grad: bool = True,
+    ):
         n, d = z_a.shape
         acc = rt.acc_dtype(z_a, z_b)
         store = want_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
@@ -556,8 +787,9 @@ class BarlowTwins(torch.autograd.Function):
             coef = (2.0 * w_off / float(n) ** 2).reshape(1)
             tmp = rt.empty((n, d), acc, z_a.device)
             for out, own, other, g_other in ((dz_a, a_side, b_side, g_b), (dz_b, b_side, a_side, g_a)):
-                psum, pdot = mm(tmp, ("mat", g_other), ("z", *own), coef, (*other, delta), (*own, None), None, acc,
-                                stats=True)
+                psum, pdot = mm(
+                    tmp, ("mat", g_other), ("z", *own), coef, (*other, delta), (*own, None), None, acc, stats=True
+                )
                 gmean = psum.sum(0) / n
                 r = pdot.sum(0) / n
                 bn_finish(out, tmp, own[0], own[1], own[2], gmean, r, acc)

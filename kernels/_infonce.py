@@ -29,8 +29,9 @@ _NORM_EPS = 1e-12  # F.normalize's default
 
 
 @triton.jit
-def _rownorm_kernel(x_ptr, s_xm, s_xd, inv_ptr, proj_ptr, M, D, EPS, ACC: tl.constexpr, BM: tl.constexpr,
-                    BD: tl.constexpr):
+def _rownorm_kernel(
+    x_ptr, s_xm, s_xd, inv_ptr, proj_ptr, M, D, EPS, ACC: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr
+):
     """inv = 1 / max(|x_i|, eps); proj = 1 where |x_i| > eps (F.normalize's gradient projects only there)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
@@ -38,8 +39,9 @@ def _rownorm_kernel(x_ptr, s_xm, s_xd, inv_ptr, proj_ptr, M, D, EPS, ACC: tl.con
     for d0 in range(0, D, BD):
         ds = d0 + tl.arange(0, BD)
         m = rmask[:, None] & (ds < D)[None, :]
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * s_xm + ds.to(tl.int64)[None, :] * s_xd, mask=m,
-                    other=0.0).to(ACC)
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * s_xm + ds.to(tl.int64)[None, :] * s_xd, mask=m, other=0.0).to(
+            ACC
+        )
         acc += x * x
     nrm = _sqrt(tl.sum(acc, axis=1), ACC)
     tl.store(inv_ptr + rows, 1.0 / tl.maximum(nrm, EPS), mask=rmask)
@@ -47,9 +49,29 @@ def _rownorm_kernel(x_ptr, s_xm, s_xd, inv_ptr, proj_ptr, M, D, EPS, ACC: tl.con
 
 
 @triton.jit
-def _logits_tile(q_ptr, s_qm, s_qd, qrow, qinv, k_ptr, s_km, s_kd, kcol, kinv, qmask, kmask, D, inv_temp,
-                 ACC: tl.constexpr, PREC: tl.constexpr, MMA16: tl.constexpr, CAST32: tl.constexpr,
-                 BK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+def _logits_tile(
+    q_ptr,
+    s_qm,
+    s_qd,
+    qrow,
+    qinv,
+    k_ptr,
+    s_km,
+    s_kd,
+    kcol,
+    kinv,
+    qmask,
+    kmask,
+    D,
+    inv_temp,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    MMA16: tl.constexpr,
+    CAST32: tl.constexpr,
+    BK: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
     """(BM x BN) logits q_i . k_k * inv_q_i * inv_k_k / t for query rows qrow and key rows kcol.
 
     MMA16: q and k are bf16 (or fp16) and go to the tensor cores as they are: products of 16-bit floats are exact
@@ -74,8 +96,18 @@ def _logits_tile(q_ptr, s_qm, s_qd, qrow, qinv, k_ptr, s_km, s_kd, kcol, kinv, q
 
 
 @triton.jit
-def _acc_dot(acc, w, x_ptr, x_off, xmask, xscale, ACC: tl.constexpr, PREC: tl.constexpr, MMA16: tl.constexpr,
-             CAST32: tl.constexpr):
+def _acc_dot(
+    acc,
+    w,
+    x_ptr,
+    x_off,
+    xmask,
+    xscale,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    MMA16: tl.constexpr,
+    CAST32: tl.constexpr,
+):
     """acc += w @ (x * xscale[:, None]) with x a raw input tile (rows scaled by their inverse norms).
 
     MMA16: the scale is folded into w, and w (fp32) is split into a 16-bit head and tail, w = hi + lo + O(2^-17 w),
@@ -114,12 +146,35 @@ def _masks(g, pos, cols, rmask, cmask, SELF_MASK: tl.constexpr, SOFT: tl.constex
 
 @triton.jit
 def _lse_fwd_kernel(
-    q_ptr, s_qm, s_qd, qinv_ptr, rows_ptr,
-    k_ptr, s_km, s_kd, kinv_ptr,
-    m_ptr, l_ptr, tgt_ptr, posmax_ptr, negmax_ptr,
-    R, M2, NHALF, D, cols_per_split, inv_temp,
-    SELF_MASK: tl.constexpr, SOFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-    MMA16: tl.constexpr, CAST32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    q_ptr,
+    s_qm,
+    s_qd,
+    qinv_ptr,
+    rows_ptr,
+    k_ptr,
+    s_km,
+    s_kd,
+    kinv_ptr,
+    m_ptr,
+    l_ptr,
+    tgt_ptr,
+    posmax_ptr,
+    negmax_ptr,
+    R,
+    M2,
+    NHALF,
+    D,
+    cols_per_split,
+    inv_temp,
+    SELF_MASK: tl.constexpr,
+    SOFT: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    MMA16: tl.constexpr,
+    CAST32: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -140,8 +195,29 @@ def _lse_fwd_kernel(
         cols = c0 + tl.arange(0, BN)
         cmask = cols < c_end
         kinv = tl.load(kinv_ptr + cols, mask=cmask, other=0.0)
-        s = _logits_tile(q_ptr, s_qm, s_qd, g, qinv, k_ptr, s_km, s_kd, cols, kinv, rmask, cmask, D, inv_temp,
-                         ACC, PREC, MMA16, CAST32, BK, BM, BN)
+        s = _logits_tile(
+            q_ptr,
+            s_qm,
+            s_qd,
+            g,
+            qinv,
+            k_ptr,
+            s_km,
+            s_kd,
+            cols,
+            kinv,
+            rmask,
+            cmask,
+            D,
+            inv_temp,
+            ACC,
+            PREC,
+            MMA16,
+            CAST32,
+            BK,
+            BM,
+            BN,
+        )
         valid, tgt_w, is_tgt = _masks(g, pos, cols, rmask, cmask, SELF_MASK, SOFT)
         sm = tl.where(valid, s, neg_inf)
         m_new = tl.maximum(m_i, tl.max(sm, axis=1))
@@ -161,12 +237,33 @@ def _lse_fwd_kernel(
 
 @triton.jit
 def _lse_bwd_q_kernel(
-    q_ptr, s_qm, s_qd, qinv_ptr, rows_ptr,
-    k_ptr, s_km, s_kd, kinv_ptr,
-    lse_ptr, out_ptr,
-    R, M2, NHALF, D, cols_per_split, inv_temp,
-    SELF_MASK: tl.constexpr, SOFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-    MMA16: tl.constexpr, CAST32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BDO: tl.constexpr,
+    q_ptr,
+    s_qm,
+    s_qd,
+    qinv_ptr,
+    rows_ptr,
+    k_ptr,
+    s_km,
+    s_kd,
+    kinv_ptr,
+    lse_ptr,
+    out_ptr,
+    R,
+    M2,
+    NHALF,
+    D,
+    cols_per_split,
+    inv_temp,
+    SELF_MASK: tl.constexpr,
+    SOFT: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    MMA16: tl.constexpr,
+    CAST32: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BDO: tl.constexpr,
 ):
     """out[split, r, dslice] = sum_{k in split} (softmax - target)[r, k] * k_hat[k, dslice]  (unscaled)."""
     pid_r = tl.program_id(0)
@@ -187,24 +284,75 @@ def _lse_bwd_q_kernel(
         cols = c0 + tl.arange(0, BN)
         cmask = cols < c_end
         kinv = tl.load(kinv_ptr + cols, mask=cmask, other=0.0)
-        s = _logits_tile(q_ptr, s_qm, s_qd, g, qinv, k_ptr, s_km, s_kd, cols, kinv, rmask, cmask, D, inv_temp,
-                         ACC, PREC, MMA16, CAST32, BK, BM, BN)
+        s = _logits_tile(
+            q_ptr,
+            s_qm,
+            s_qd,
+            g,
+            qinv,
+            k_ptr,
+            s_km,
+            s_kd,
+            cols,
+            kinv,
+            rmask,
+            cmask,
+            D,
+            inv_temp,
+            ACC,
+            PREC,
+            MMA16,
+            CAST32,
+            BK,
+            BM,
+            BN,
+        )
         valid, tgt_w, is_tgt = _masks(g, pos, cols, rmask, cmask, SELF_MASK, SOFT)
         dl = tl.where(valid, tl.exp(s - lse[:, None]) - tgt_w, 0.0)
-        acc = _acc_dot(acc, dl, k_ptr, cols.to(tl.int64)[:, None] * s_km + dcols[None, :] * s_kd,
-                       cmask[:, None] & dmask[None, :], kinv, ACC, PREC, MMA16, CAST32)
+        acc = _acc_dot(
+            acc,
+            dl,
+            k_ptr,
+            cols.to(tl.int64)[:, None] * s_km + dcols[None, :] * s_kd,
+            cmask[:, None] & dmask[None, :],
+            kinv,
+            ACC,
+            PREC,
+            MMA16,
+            CAST32,
+        )
     off = (pid_s.to(tl.int64) * R + ridx.to(tl.int64))[:, None] * D + dcols[None, :]
     tl.store(out_ptr + off, acc, mask=rmask[:, None] & dmask[None, :])
 
 
 @triton.jit
 def _lse_bwd_k_kernel(
-    q_ptr, s_qm, s_qd, qinv_ptr, rows_ptr,
-    k_ptr, s_km, s_kd, kinv_ptr,
-    lse_ptr, out_ptr,
-    R, M2, NHALF, D, inv_temp,
-    SELF_MASK: tl.constexpr, SOFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-    MMA16: tl.constexpr, CAST32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BDO: tl.constexpr,
+    q_ptr,
+    s_qm,
+    s_qd,
+    qinv_ptr,
+    rows_ptr,
+    k_ptr,
+    s_km,
+    s_kd,
+    kinv_ptr,
+    lse_ptr,
+    out_ptr,
+    R,
+    M2,
+    NHALF,
+    D,
+    inv_temp,
+    SELF_MASK: tl.constexpr,
+    SOFT: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    MMA16: tl.constexpr,
+    CAST32: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BDO: tl.constexpr,
 ):
     """out[k, dslice] = sum_{r in R} (softmax - target)[r, k] * q_hat[rows[r], dslice]  (unscaled)."""
     pid_c = tl.program_id(0)
@@ -222,19 +370,65 @@ def _lse_bwd_k_kernel(
         pos = (g + NHALF) % M2
         qinv = tl.load(qinv_ptr + g, mask=rmask, other=0.0)
         lse = tl.load(lse_ptr + ridx, mask=rmask, other=0.0)
-        s = _logits_tile(q_ptr, s_qm, s_qd, g, qinv, k_ptr, s_km, s_kd, cols, kinv, rmask, cmask, D, inv_temp,
-                         ACC, PREC, MMA16, CAST32, BK, BM, BN)
+        s = _logits_tile(
+            q_ptr,
+            s_qm,
+            s_qd,
+            g,
+            qinv,
+            k_ptr,
+            s_km,
+            s_kd,
+            cols,
+            kinv,
+            rmask,
+            cmask,
+            D,
+            inv_temp,
+            ACC,
+            PREC,
+            MMA16,
+            CAST32,
+            BK,
+            BM,
+            BN,
+        )
         valid, tgt_w, is_tgt = _masks(g, pos, cols, rmask, cmask, SELF_MASK, SOFT)
         dl = tl.where(valid, tl.exp(s - lse[:, None]) - tgt_w, 0.0)
-        acc = _acc_dot(acc, tl.trans(dl), q_ptr, g.to(tl.int64)[:, None] * s_qm + dcols[None, :] * s_qd,
-                       rmask[:, None] & dmask[None, :], qinv, ACC, PREC, MMA16, CAST32)
+        acc = _acc_dot(
+            acc,
+            tl.trans(dl),
+            q_ptr,
+            g.to(tl.int64)[:, None] * s_qm + dcols[None, :] * s_qd,
+            rmask[:, None] & dmask[None, :],
+            qinv,
+            ACC,
+            PREC,
+            MMA16,
+            CAST32,
+        )
     off = cols.to(tl.int64)[:, None] * D + dcols[None, :]
     tl.store(out_ptr + off, acc, mask=cmask[:, None] & dmask[None, :])
 
 
 @triton.jit
-def _norm_bwd_kernel(x_ptr, s_xm, s_xd, inv_ptr, proj_ptr, du_ptr, scale_ptr, out_ptr, s_om, s_od, M, D,
-                     ACC: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+def _norm_bwd_kernel(
+    x_ptr,
+    s_xm,
+    s_xd,
+    inv_ptr,
+    proj_ptr,
+    du_ptr,
+    scale_ptr,
+    out_ptr,
+    s_om,
+    s_od,
+    M,
+    D,
+    ACC: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+):
     """out = scale * (du - proj * u (u . du)) * inv with u = x * inv: the Jacobian of x / max(|x|, eps)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
@@ -267,9 +461,21 @@ def rownorm(x: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tens
     m, d = x.shape
     inv, proj = rt.empty((m,), acc, x.device), rt.empty((m,), acc, x.device)
     cfg = rt.ROWNORM
-    rt.launch(_rownorm_kernel, (rt.cdiv(m, cfg["BM"]),),
-        x, x.stride(0), x.stride(1), inv, proj, m, d, _NORM_EPS,
-        ACC=rt.tl_dtype(acc), BM=cfg["BM"], BD=cfg["BD"], **rt.launch_opts(cfg.get("num_warps", 4), 1),
+    rt.launch(
+        _rownorm_kernel,
+        (rt.cdiv(m, cfg["BM"]),),
+        x,
+        x.stride(0),
+        x.stride(1),
+        inv,
+        proj,
+        m,
+        d,
+        _NORM_EPS,
+        ACC=rt.tl_dtype(acc),
+        BM=cfg["BM"],
+        BD=cfg["BD"],
+        **rt.launch_opts(cfg.get("num_warps", 4), 1),
     )
     return inv, proj
 
@@ -296,11 +502,34 @@ def lse_forward(q, qinv, rows, k, kinv, temperature, self_mask, acc):
     per = rt.cdiv(n_cb, ns) * bn
     ns = rt.cdiv(m2, per)
     bufs = [rt.empty((ns, r), acc, q.device) for _ in range(5)]
-    rt.launch(_lse_fwd_kernel, (n_rb, ns),
-        q, q.stride(0), q.stride(1), qinv, rows, k, k.stride(0), k.stride(1), kinv, *bufs,
-        r, m2, m2 // 2, d, per, 1.0 / temperature,
-        SELF_MASK=self_mask, SOFT=not self_mask, ACC=rt.tl_dtype(acc), PREC=rt.dot_precision(acc),
-        **_mma_flags(q, k), BM=bm, BN=bn, BK=cfg["BK"], **rt.launch_opts(cfg.get("num_warps", 4)),
+    rt.launch(
+        _lse_fwd_kernel,
+        (n_rb, ns),
+        q,
+        q.stride(0),
+        q.stride(1),
+        qinv,
+        rows,
+        k,
+        k.stride(0),
+        k.stride(1),
+        kinv,
+        *bufs,
+        r,
+        m2,
+        m2 // 2,
+        d,
+        per,
+        1.0 / temperature,
+        SELF_MASK=self_mask,
+        SOFT=not self_mask,
+        ACC=rt.tl_dtype(acc),
+        PREC=rt.dot_precision(acc),
+        **_mma_flags(q, k),
+        BM=bm,
+        BN=bn,
+        BK=cfg["BK"],
+        **rt.launch_opts(cfg.get("num_warps", 4)),
     )
     m, l, tgt, posmax, negmax = bufs
     lse = torch.logsumexp(m + torch.log(l), dim=0)
@@ -315,21 +544,66 @@ def lse_backward(q, qinv, rows, k, kinv, lse, temperature, self_mask, acc):
     bm, bn = cfg["BM"], cfg["BN"]
     bdo = min(rt.next_pow2(d), cfg["BDO_MAX"])
     n_d = rt.cdiv(d, bdo)
-    common = dict(SELF_MASK=self_mask, SOFT=not self_mask, ACC=rt.tl_dtype(acc), PREC=rt.dot_precision(acc),
-                  **_mma_flags(q, k), BM=bm, BN=bn, BK=cfg["BK"], BDO=bdo, **rt.launch_opts(cfg.get("num_warps", 4), 2))
+    common = dict(
+        SELF_MASK=self_mask,
+        SOFT=not self_mask,
+        ACC=rt.tl_dtype(acc),
+        PREC=rt.dot_precision(acc),
+        **_mma_flags(q, k),
+        BM=bm,
+        BN=bn,
+        BK=cfg["BK"],
+        BDO=bdo,
+        **rt.launch_opts(cfg.get("num_warps", 4), 2),
+    )
     n_rb, n_cb = rt.cdiv(r, bm), rt.cdiv(m2, bn)
     ns = _splits(n_rb * n_d, n_cb)
     per = rt.cdiv(n_cb, ns) * bn
     ns = rt.cdiv(m2, per)
     dq = rt.empty((ns, r, d), acc, q.device)
-    rt.launch(_lse_bwd_q_kernel, (n_rb, n_d, ns),
-        q, q.stride(0), q.stride(1), qinv, rows, k, k.stride(0), k.stride(1), kinv, lse, dq,
-        r, m2, m2 // 2, d, per, 1.0 / temperature, **common,
+    rt.launch(
+        _lse_bwd_q_kernel,
+        (n_rb, n_d, ns),
+        q,
+        q.stride(0),
+        q.stride(1),
+        qinv,
+        rows,
+        k,
+        k.stride(0),
+        k.stride(1),
+        kinv,
+        lse,
+        dq,
+        r,
+        m2,
+        m2 // 2,
+        d,
+        per,
+        1.0 / temperature,
+        **common,
     )
     dk = rt.empty((m2, d), acc, q.device)
-    rt.launch(_lse_bwd_k_kernel, (n_cb, n_d),
-        q, q.stride(0), q.stride(1), qinv, rows, k, k.stride(0), k.stride(1), kinv, lse, dk,
-        r, m2, m2 // 2, d, 1.0 / temperature, **common,
+    rt.launch(
+        _lse_bwd_k_kernel,
+        (n_cb, n_d),
+        q,
+        q.stride(0),
+        q.stride(1),
+        qinv,
+        rows,
+        k,
+        k.stride(0),
+        k.stride(1),
+        kinv,
+        lse,
+        dk,
+        r,
+        m2,
+        m2 // 2,
+        d,
+        1.0 / temperature,
+        **common,
     )
     return (dq[0] if ns == 1 else dq.sum(0)), dk
 
@@ -337,9 +611,25 @@ def lse_backward(q, qinv, rows, k, kinv, lse, temperature, self_mask, acc):
 def norm_backward(x, inv, proj, du, scale, out):
     m, d = x.shape
     cfg = rt.NORM_BWD
-    rt.launch(_norm_bwd_kernel, (rt.cdiv(m, cfg["BM"]),),
-        x, x.stride(0), x.stride(1), inv, proj, du, scale, out, out.stride(0), out.stride(1), m, d,
-        ACC=rt.tl_dtype(du.dtype), BM=cfg["BM"], BD=cfg["BD"], **rt.launch_opts(cfg.get("num_warps", 4), 1),
+    rt.launch(
+        _norm_bwd_kernel,
+        (rt.cdiv(m, cfg["BM"]),),
+        x,
+        x.stride(0),
+        x.stride(1),
+        inv,
+        proj,
+        du,
+        scale,
+        out,
+        out.stride(0),
+        out.stride(1),
+        m,
+        d,
+        ACC=rt.tl_dtype(du.dtype),
+        BM=cfg["BM"],
+        BD=cfg["BD"],
+        **rt.launch_opts(cfg.get("num_warps", 4), 1),
     )
 
 

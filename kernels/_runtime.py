@@ -8,6 +8,7 @@ Whether the kernels run under the Triton interpreter is decided when this module
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -60,7 +61,7 @@ def launch_opts(num_warps: int, num_stages: int = 3) -> dict[str, int]:
     return {} if INTERPRET else {"num_warps": num_warps, "num_stages": num_stages}
 
 
-# Block sizes. Under the interpreter they are tiny (each tile-step costs ~1.5 ms of numpy) so that test shapes
+# Block sizes. Under the interpreter they are tiny (every tile step is slow numpy) so that small test shapes
 # still cover several tiles, ragged edges and more than one split.
 if INTERPRET:
     COLSTATS = {"BN": 16, "BD": 16}
@@ -95,7 +96,7 @@ else:
 
 # A bench/CI tool (``python bench/kernels.py --compile-only``) sets this to compile each launch for a GPU target
 # without a GPU (see ``_aot.py``); None runs the kernels.
-LAUNCH_HOOK = None
+LAUNCH_HOOK: Callable[..., None] | None = None
 
 
 def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:

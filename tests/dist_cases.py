@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ssltrain import config as C
-from ssltrain.data.loaders.cpu import Views
+from ssltrain.data.loaders import Views
 from ssltrain.methods.barlow_twins import BarlowTwins
 from ssltrain.methods.base import Method
 from ssltrain.methods.byol import BYOL
@@ -27,8 +28,21 @@ from ssltrain.methods.vicreg_logdet import VICRegLogDet
 from ssltrain.methods.vicreg_pairwise import VICRegPairwise
 
 DIM, OUT, BATCH, NUM_SAMPLES = 6, 5, 8, 13
-METHODS = ["vicreg", "vicreg_logdet", "vicreg_pairwise", "vcreg", "simclr", "barlow_twins", "diet", "cissl", "dissl",
-           "byol", "dino", "swav", "swav_queue"]
+METHODS = [
+    "vicreg",
+    "vicreg_logdet",
+    "vicreg_pairwise",
+    "vcreg",
+    "simclr",
+    "barlow_twins",
+    "diet",
+    "cissl",
+    "dissl",
+    "byol",
+    "dino",
+    "swav",
+    "swav_queue",
+]
 
 
 def make_method(name: str) -> Method:
@@ -71,8 +85,13 @@ def full_batch(name: str) -> tuple[list[torch.Tensor], torch.Tensor]:
     return views, index
 
 
-def run(name: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
-    """Loss, input gradients, parameter gradients (DDP-averaged if replicated) and buffers after one step."""
+OUTPUTS = ("embeddings", "features")  # the forward's (B, D) outputs for the monitors; the other keys are 0-d terms
+
+
+def run(name: str, rank: int = 0, world: int = 1, ddp: bool = False) -> dict[str, torch.Tensor]:
+    """Loss, input gradients, parameter gradients (DDP-averaged if replicated), buffers and the forward's outputs
+    after one step. ``ddp``: the measured forward and backward run through DistributedDataParallel, as in training
+    (sharded parameters left to the method), instead of averaging the gradients here."""
     method = make_method(name).double()
     views, index = full_batch(name)
     b = BATCH // world
@@ -80,18 +99,27 @@ def run(name: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
     if name == "swav_queue":  # fill the queue with another batch (the views' rows reversed) first
         method.on_step_start(0, 1)
         method(Views([v.flip(0)[rank * b : (rank + 1) * b] for v in views], [], index[rank * b : (rank + 1) * b], None))
-    out = method(Views(xs, [], index[rank * b : (rank + 1) * b], None))
+    model: nn.Module = method
+    sharded = [n for n, p in method.named_parameters() if getattr(p, "ssltrain_sharded", False)]
+    if ddp and any(p.requires_grad and n not in sharded for n, p in method.named_parameters()):  # DIET here: none
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(method, sharded)
+        model = DistributedDataParallel(method)
+    out = model(Views(xs, [], index[rank * b : (rank + 1) * b], None))
     out["loss"].backward()
     result = {"loss": out["loss"].detach()}
     for k, v in out.items():
-        result[f"term/{k}"] = v.detach()
+        if k in OUTPUTS:
+            result[f"output/{k}"] = v.detach()
+            result[f"output_detached/{k}"] = torch.tensor(not v.requires_grad and v.grad_fn is None)
+        else:
+            result[f"term/{k}"] = v.detach()
     for i, x in enumerate(xs):
         result[f"input_grad/{i}"] = x.grad
     for pname, p in method.named_parameters():
         if p.grad is None:
             continue
         grad = p.grad.clone()
-        if world > 1 and not getattr(p, "ssltrain_sharded", False):
+        if world > 1 and not ddp and not getattr(p, "ssltrain_sharded", False):
             torch.distributed.all_reduce(grad)  # what DDP does to replicated parameters: average
             grad /= world
         result[f"param_grad/{pname}"] = grad

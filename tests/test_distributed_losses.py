@@ -6,18 +6,20 @@ catches it. Convention (what DDP optimises): the objective is the mean over rank
   * an input's gradient, divided by the world size, is the single-process gradient of those rows;
   * replicated parameters' gradients averaged over ranks (DDP) equal the single-process ones; sharded parameters'
     (DIET's head) are the single-process gradient of their rows.
+Each case runs twice: gradients averaged by hand, and through DistributedDataParallel as training runs it, where
+the forward's embeddings and features must come back detached.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import dist_cases
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import dist_cases
 from ssltrain.core.collectives import gather, local_rows, row_offset
 
 pytestmark = pytest.mark.distributed
@@ -31,6 +33,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {name: dist_cases.run(name, rank, world) for name in dist_cases.METHODS}
+        results |= {f"ddp/{name}": dist_cases.run(name, rank, world, ddp=True) for name in dist_cases.METHODS}
         results["_collectives"] = _collective_checks(rank, world)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -44,8 +47,7 @@ def _collective_checks(rank: int, world: int) -> dict[str, torch.Tensor]:
     g = gather(x)
     weights = torch.arange(g.shape[0], dtype=torch.float64)[:, None]
     (g * weights).sum().backward()
-    return {"gathered": g.detach(), "grad": x.grad, "offset": torch.tensor(row_offset(rows)),
-            "rows": local_rows(rows)}
+    return {"gathered": g.detach(), "grad": x.grad, "offset": torch.tensor(row_offset(rows)), "rows": local_rows(rows)}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
@@ -65,11 +67,12 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.parametrize("ddp", [False, True], ids=["allreduce", "ddp"])
 @pytest.mark.parametrize("name", dist_cases.METHODS)
-def test_distributed_equals_single_process(name: str, distributed_results, single_results) -> None:
+def test_distributed_equals_single_process(name: str, ddp: bool, distributed_results, single_results) -> None:
     world, ranks = distributed_results
     single = single_results[name]
-    per_rank = [r[name] for r in ranks]
+    per_rank = [r[f"ddp/{name}" if ddp else name] for r in ranks]
     b = dist_cases.BATCH // world
 
     losses = torch.stack([r["loss"] for r in per_rank])
@@ -96,6 +99,13 @@ def test_distributed_equals_single_process(name: str, distributed_results, singl
         for r, res in enumerate(per_rank):
             _close(res[key], single[key], f"rank {r} {key}")
 
+    # what the monitors read: this rank's rows of the embeddings and features, detached (through DDP too)
+    for key in dist_cases.OUTPUTS:
+        assert single[f"output_detached/{key}"], key
+        for r, res in enumerate(per_rank):
+            assert res[f"output_detached/{key}"], f"rank {r} {key} is not detached"
+            _close(res[f"output/{key}"], single[f"output/{key}"][r * b : (r + 1) * b], f"rank {r} {key}")
+
 
 def test_gather_uneven_rows_and_gradient(distributed_results) -> None:
     world, ranks = distributed_results
@@ -110,4 +120,5 @@ def test_gather_uneven_rows_and_gradient(distributed_results) -> None:
         weights = torch.arange(start, start + counts[r], dtype=torch.float64)[:, None].expand(-1, 2)
         _close(c["grad"], world * weights, "gather backward")
         total = sum(counts)
-        assert c["rows"].tolist() == list(range(start, start + counts[r])) + list(range(total + start, total + start + counts[r]))
+        own = list(range(start, start + counts[r]))
+        assert c["rows"].tolist() == own + [total + i for i in own]

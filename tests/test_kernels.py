@@ -1,4 +1,5 @@
-"""Fused Triton kernels (ssltrain.kernels) against the eager references in ssltrain.losses.
+"""Fused Triton kernels (ssltrain.kernels, called through ssltrain.losses.dispatch) against the eager references in
+ssltrain.losses.
 
 Without a GPU the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before
 anything imports them), on tiny shapes that still cover several tiles, ragged edges (sizes that are not block
@@ -12,6 +13,7 @@ Tests marked ``gpu`` run the compiled kernels at real sizes; they are skipped wi
 
 from __future__ import annotations
 
+import functools
 import random
 import subprocess
 import sys
@@ -19,8 +21,9 @@ import sys
 import pytest
 import torch
 
-from ssltrain import losses
 import ssltrain.kernels as K
+from ssltrain import losses
+from ssltrain.losses import dispatch as D
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -81,8 +84,12 @@ def grads_of(outputs, weights, inputs):
     return torch.autograd.grad(total, inputs)
 
 
-TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-11, 1e-11), torch.bfloat16: (1e-4, 1e-2),
-       torch.float16: (1e-4, 1e-2)}  # (loss terms, gradients)
+TOL = {
+    torch.float32: (2e-5, 2e-5),
+    torch.float64: (1e-11, 1e-11),
+    torch.bfloat16: (1e-4, 1e-2),
+    torch.float16: (1e-4, 1e-2),
+}  # (loss terms, gradients)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,10 +136,12 @@ def test_resolve_impl_choices_and_errors(monkeypatch):
 def test_import_is_lazy_and_eager_needs_no_triton():
     code = (
         "import sys, torch\n"
-        "import ssltrain.kernels as K\n"
+        "import ssltrain.kernels\n"
         "assert 'triton' not in sys.modules, 'importing ssltrain.kernels imported triton'\n"
+        "assert 'ssltrain.losses' not in sys.modules, 'the kernels sit below the losses'\n"
+        "from ssltrain.losses import dispatch as D\n"
         "z = torch.randn(6, 4)\n"
-        "K.vicreg_regularizer(z); K.barlow_twins(z, z + 1); K.nt_xent(z, z); K.cissl(z, z, z, z)\n"
+        "D.vicreg_regularizer(z); D.vicreg(z, z + 1); D.barlow_twins(z, z + 1); D.nt_xent(z, z); D.cissl(z, z, z, z)\n"
         "assert 'triton' not in sys.modules, 'the eager path imported triton'\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -142,14 +151,20 @@ def test_import_is_lazy_and_eager_needs_no_triton():
 def test_eager_is_the_reference():
     z_a, z_b = torch.randn(9, 6), torch.randn(9, 6)
     rows = torch.tensor([0, 5, 17])
-    v, c = K.vicreg_regularizer(z_a, 0.8, 1e-3, impl="eager")
+    v, c = D.vicreg_regularizer(z_a, 0.8, 1e-3, impl="eager")
     assert torch.equal(v, losses.variance_hinge(z_a, 0.8, 1e-3))
     assert torch.equal(c, losses.covariance_offdiag(z_a))
     for got, ref in (
-        (K.barlow_twins(z_a, z_b, 0.01, 1e-4, impl="eager"), losses.barlow_twins_loss(z_a, z_b, 0.01, 1e-4)),
-        (K.nt_xent(z_a, z_b, 0.2, rows=rows, impl="eager"), losses.nt_xent_loss(z_a, z_b, 0.2, rows=rows)),
-        (K.cissl(z_a, z_b, z_b, z_a, 0.3, rows=rows, impl="auto"),
-         losses.cissl_loss(z_a, z_b, z_b, z_a, 0.3, rows=rows)),
+        (
+            D.vicreg(z_a, z_b, 20.0, 15.0, 2.0, 0.8, 1e-3, impl="eager"),
+            losses.vicreg_loss(z_a, z_b, 20.0, 15.0, 2.0, 0.8, 1e-3),
+        ),
+        (D.barlow_twins(z_a, z_b, 0.01, 1e-4, impl="eager"), losses.barlow_twins_loss(z_a, z_b, 0.01, 1e-4)),
+        (D.nt_xent(z_a, z_b, 0.2, rows=rows, impl="eager"), losses.nt_xent_loss(z_a, z_b, 0.2, rows=rows)),
+        (
+            D.cissl(z_a, z_b, z_b, z_a, 0.3, rows=rows, impl="auto"),
+            losses.cissl_loss(z_a, z_b, z_b, z_a, 0.3, rows=rows),
+        ),
     ):
         assert got.keys() == ref.keys()
         for k in ref:
@@ -160,19 +175,19 @@ def test_eager_is_the_reference():
 def test_kernel_path_validates_like_the_reference():
     z = torch.randn(5, 3, device=DEV)
     with pytest.raises(ValueError, match="N >= 2"):
-        K.vicreg_regularizer(z[:1], impl="triton")
+        D.vicreg_regularizer(z[:1], impl="triton")
     with pytest.raises(ValueError, match="same"):
-        K.barlow_twins(z, z[:4], impl="triton")
+        D.barlow_twins(z, z[:4], impl="triton")
     with pytest.raises(ValueError, match="lambd"):
-        K.barlow_twins(z, z, lambd=-1.0, impl="triton")
+        D.barlow_twins(z, z, lambd=-1.0, impl="triton")
     with pytest.raises(ValueError, match="temperature"):
-        K.nt_xent(z, z, temperature=0.0, impl="triton")
+        D.nt_xent(z, z, temperature=0.0, impl="triton")
     with pytest.raises(ValueError, match=r"rows must lie in \[0, 10\)"):
-        K.nt_xent(z, z, rows=torch.tensor([0, 10]), impl="triton")
+        D.nt_xent(z, z, rows=torch.tensor([0, 10]), impl="triton")
     with pytest.raises(ValueError, match="rows must be a 1-D integer"):
-        K.cissl(z, z, z, z, rows=torch.tensor([0.5]), impl="triton")
+        D.cissl(z, z, z, z, rows=torch.tensor([0.5]), impl="triton")
     with pytest.raises(ValueError, match="same"):
-        K.cissl(z, z, z, z[:, :2], impl="triton")
+        D.cissl(z, z, z, z[:, :2], impl="triton")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,7 +204,7 @@ def _vicreg_check(z, seed, force_gram=None, gamma=1.0, eps=1e-4, tol=None):
     ref_in = leaf(z, torch.float64)
     ker_in = leaf(z)
     if force_gram is None:
-        out = K.vicreg_regularizer(ker_in, gamma, eps, impl="triton")
+        out = D.vicreg_regularizer(ker_in, gamma, eps, impl="triton")
     else:
         out = _cov.VICRegRegularizer.apply(ker_in, gamma, eps, force_gram)
     ref = (losses.variance_hinge(ref_in, gamma, eps), losses.covariance_offdiag(ref_in))
@@ -228,10 +243,10 @@ def test_vicreg_dtypes(dtype, shape, seed):
 def test_vicreg_no_grad_and_strided_input(seed):
     base = embeddings(24, 13)
     z = base.t()  # (13, 24) with strides (1, 13): exercises stride handling
-    v, c = K.vicreg_regularizer(z, impl="triton")
+    v, c = D.vicreg_regularizer(z, impl="triton")
     assert not v.requires_grad
     with torch.no_grad():  # nothing stored for a backward pass that cannot happen
-        v2, c2 = K.vicreg_regularizer(leaf(z), impl="triton")
+        v2, c2 = D.vicreg_regularizer(leaf(z), impl="triton")
     assert torch.equal(v, v2) and torch.equal(c, c2)
     assert_close(v, losses.variance_hinge(z.double()), 2e-5, "variance (no grad, strided)", seed)
     assert_close(c, losses.covariance_offdiag(z.double()), 2e-5, "covariance (no grad, strided)", seed)
@@ -253,7 +268,7 @@ def test_vicreg_near_decorrelated(shape, seed):
     z64 = base * (n - 1) ** 0.5 + 1e-3 * torch.randn(n, d, dtype=torch.float64) + 3.0
     z = z64.float().to(DEV)
     ref = losses.covariance_offdiag(z.double())
-    err_kernel = rel(K.vicreg_regularizer(z, impl="triton")[1], ref)
+    err_kernel = rel(D.vicreg_regularizer(z, impl="triton")[1], ref)
     err_eager32 = rel(losses.covariance_offdiag(z), ref)
     assert err_kernel <= 10 * err_eager32 + 1e-5, (
         f"kernel {err_kernel:.3g} vs eager fp32 {err_eager32:.3g} (seed {seed})"
@@ -268,7 +283,21 @@ def test_vicreg_one_dominant_dimension(seed):
     z = embeddings(33, 24)
     z[:, 5] *= 1000.0
     ref = losses.covariance_offdiag(z.double())
-    assert_close(K.vicreg_regularizer(z, impl="triton")[1], ref, 1e-5, "covariance, dominant dimension", seed)
+    assert_close(D.vicreg_regularizer(z, impl="triton")[1], ref, 1e-5, "covariance, dominant dimension", seed)
+
+
+@needs_triton
+def test_vicreg_total_through_the_kernel(seed):
+    """The whole VICReg loss with the fused regulariser: the same composition as the reference, terms and grads."""
+    z_a, z_b = embeddings(13, 24, torch.float64), embeddings(13, 24, torch.float64)
+    ka, kb, ra, rb = leaf(z_a), leaf(z_b), leaf(z_a), leaf(z_b)
+    out = D.vicreg(ka, kb, 20.0, 15.0, 2.0, 0.8, 1e-3, impl="triton")
+    ref = losses.vicreg_loss(ra, rb, 20.0, 15.0, 2.0, 0.8, 1e-3)
+    assert out.keys() == ref.keys()
+    for k in ref:
+        assert_close(out[k], ref[k], TOL[torch.float64][0], f"vicreg {k}", seed)
+    for g, r in zip(torch.autograd.grad(out["loss"], [ka, kb]), torch.autograd.grad(ref["loss"], [ra, rb])):
+        assert_close(g, r, TOL[torch.float64][1], "vicreg grad", seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,7 +317,7 @@ def _barlow_check(z_a, z_b, seed, force_gram=None, lambd=0.0051, eps=1e-5):
     ra, rb = leaf(z_a, torch.float64), leaf(z_b, torch.float64)
     ka, kb = leaf(z_a), leaf(z_b)
     if force_gram is None:
-        out = K.barlow_twins(ka, kb, lambd, eps, impl="triton")
+        out = D.barlow_twins(ka, kb, lambd, eps, impl="triton")
     else:
         loss, on, off = _cov.BarlowTwins.apply(ka, kb, lambd, eps, force_gram)
         out = {"loss": loss, "on_diag": on, "off_diag": off}
@@ -333,7 +362,7 @@ def test_barlow_dtypes(dtype, shape, seed):
 @needs_triton
 def test_barlow_no_grad(seed):
     z_a, z_b = _pair(13, 24)
-    out = K.barlow_twins(z_a, z_b, impl="triton")
+    out = D.barlow_twins(z_a, z_b, impl="triton")
     ref = losses.barlow_twins_loss(z_a.double(), z_b.double())
     for k in ref:
         assert_close(out[k], ref[k], 2e-5, k, seed)
@@ -383,7 +412,7 @@ def test_nt_xent(shape, rows_kind, seed):
     inputs = _views(n, d, 2)
     parts = _rows(rows_kind, n)
     losses_ = [
-        _infonce_check(K.nt_xent, losses.nt_xent_loss, inputs, r, seed, 0.2, f"nt_xent {shape} rows={rows_kind}")
+        _infonce_check(D.nt_xent, losses.nt_xent_loss, inputs, r, seed, 0.2, f"nt_xent {shape} rows={rows_kind}")
         for r in parts
     ]
     if rows_kind == "partition":  # the ranks' losses weighted by their row counts make up the full loss
@@ -399,15 +428,15 @@ def test_cissl(shape, rows_kind, seed):
     n, d = shape
     inputs = _views(n, d, 4)
     for r in _rows(rows_kind, n):
-        _infonce_check(K.cissl, losses.cissl_loss, inputs, r, seed, 0.1, f"cissl {shape} rows={rows_kind}")
+        _infonce_check(D.cissl, losses.cissl_loss, inputs, r, seed, 0.1, f"cissl {shape} rows={rows_kind}")
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
 def test_infonce_dtypes(dtype, seed):
     rows = torch.randperm(26)[:11].to(DEV)
-    _infonce_check(K.nt_xent, losses.nt_xent_loss, _views(13, 24, 2, dtype), rows, seed, 0.1, f"nt_xent {dtype}")
-    _infonce_check(K.cissl, losses.cissl_loss, _views(13, 24, 4, dtype), None, seed, 0.07, f"cissl {dtype}")
+    _infonce_check(D.nt_xent, losses.nt_xent_loss, _views(13, 24, 2, dtype), rows, seed, 0.1, f"nt_xent {dtype}")
+    _infonce_check(D.cissl, losses.cissl_loss, _views(13, 24, 4, dtype), None, seed, 0.07, f"cissl {dtype}")
 
 
 @needs_triton
@@ -415,15 +444,15 @@ def test_infonce_collapsed_and_mixed_dtypes(seed):
     """A collapsed embedding: every logit ties, accuracy 0 as in the reference; a zero row (F.normalize's eps);
     CISSL with student and teacher in different dtypes."""
     z = torch.ones(6, 8, device=DEV)
-    out = K.nt_xent(z, z.clone(), 0.5, impl="triton")
+    out = D.nt_xent(z, z.clone(), 0.5, impl="triton")
     ref = losses.nt_xent_loss(z.double(), z.double(), 0.5)
     assert float(out["accuracy"]) == float(ref["accuracy"]) == 0.0
     assert_close(out["loss"], ref["loss"], 1e-6, "collapsed loss", seed)
     s_a, s_b = _views(9, 16, 2)
     s_a[3] = 0.0
-    _infonce_check(K.nt_xent, losses.nt_xent_loss, [s_a, s_b], None, seed, 0.1, "nt_xent with a zero row")
+    _infonce_check(D.nt_xent, losses.nt_xent_loss, [s_a, s_b], None, seed, 0.1, "nt_xent with a zero row")
     t_a, t_b = (x.to(torch.bfloat16) for x in _views(9, 16, 2))
-    ker = K.cissl(s_a, s_b, t_a, t_b, 0.1, impl="triton")
+    ker = D.cissl(s_a, s_b, t_a, t_b, 0.1, impl="triton")
     ref = losses.cissl_loss(s_a.double(), s_b.double(), t_a.double(), t_b.double(), 0.1)
     assert ker["loss"].dtype == torch.float32
     assert_close(ker["loss"], ref["loss"], 2e-5, "cissl mixed dtypes", seed)
@@ -460,13 +489,15 @@ def test_gpu_vicreg_and_barlow(shape):
     n, d = shape
     z_a = (torch.randn(n, d, device="cuda") + 0.3).to(torch.bfloat16)
     z_b = (0.8 * z_a.float() + 0.6 * torch.randn(n, d, device="cuda")).to(torch.bfloat16)
-    _gpu_compare(lambda z: K.vicreg_regularizer(z, impl="triton"),
-                 lambda z: K.vicreg_regularizer(z, impl="eager"), [z_a])
-    _gpu_compare(lambda a, b: K.barlow_twins(a, b, impl="triton"),
-                 lambda a, b: K.barlow_twins(a, b, impl="eager"), [z_a, z_b])
+    _gpu_compare(
+        lambda z: D.vicreg_regularizer(z, impl="triton"), lambda z: D.vicreg_regularizer(z, impl="eager"), [z_a]
+    )
+    _gpu_compare(
+        lambda a, b: D.barlow_twins(a, b, impl="triton"), lambda a, b: D.barlow_twins(a, b, impl="eager"), [z_a, z_b]
+    )
     with torch.no_grad():  # the forward-only path (nothing stored for backward)
-        v_k, c_k = K.vicreg_regularizer(z_a, impl="triton")
-        v_e, c_e = K.vicreg_regularizer(z_a, impl="eager")
+        v_k, c_k = D.vicreg_regularizer(z_a, impl="triton")
+        v_e, c_e = D.vicreg_regularizer(z_a, impl="eager")
         assert rel(v_k, v_e) <= 1e-3 and rel(c_k, c_e) <= 1e-3
 
 
@@ -475,8 +506,9 @@ def test_gpu_vicreg_and_barlow(shape):
 def test_gpu_auto_picks_triton_and_fp32_inputs():
     z = torch.randn(512, 2048, device="cuda")
     assert K.resolve_impl("auto", z) == "triton"
-    _gpu_compare(lambda x: K.vicreg_regularizer(x), lambda x: K.vicreg_regularizer(x, impl="eager"), [z],
-                 tol_v=1e-5, tol_g=1e-4)
+    _gpu_compare(
+        lambda x: D.vicreg_regularizer(x), lambda x: D.vicreg_regularizer(x, impl="eager"), [z], tol_v=1e-5, tol_g=1e-4
+    )
 
 
 @pytest.mark.gpu
@@ -488,7 +520,13 @@ def test_gpu_infonce(n, d):
     views = [(base + 0.7 * torch.randn(n, d, device="cuda")).to(torch.bfloat16) for _ in range(4)]
     rank_rows = torch.randperm(2 * n, device="cuda")[: (2 * n) // 8]
     for rows in (None, rank_rows):
-        _gpu_compare(lambda a, b: K.nt_xent(a, b, 0.1, rows=rows, impl="triton"),
-                     lambda a, b: K.nt_xent(a, b, 0.1, rows=rows, impl="eager"), views[:2])
-        _gpu_compare(lambda *x: K.cissl(*x, 0.07, rows=rows, impl="triton"),
-                     lambda *x: K.cissl(*x, 0.07, rows=rows, impl="eager"), views)
+        _gpu_compare(
+            functools.partial(D.nt_xent, temperature=0.1, rows=rows, impl="triton"),
+            functools.partial(D.nt_xent, temperature=0.1, rows=rows, impl="eager"),
+            views[:2],
+        )
+        _gpu_compare(
+            functools.partial(D.cissl, temperature=0.07, rows=rows, impl="triton"),
+            functools.partial(D.cissl, temperature=0.07, rows=rows, impl="eager"),
+            views,
+        )

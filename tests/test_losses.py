@@ -25,8 +25,9 @@ def _randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> to
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _ref_vicreg(a: list[list[float]], b: list[list[float]], sim_w: float, var_w: float, cov_w: float,
-                gamma: float, eps: float) -> dict[str, float]:
+def _ref_vicreg(
+    a: list[list[float]], b: list[list[float]], sim_w: float, var_w: float, cov_w: float, gamma: float, eps: float
+) -> dict[str, float]:
     n, d = len(a), len(a[0])
 
     inv = sum((a[i][j] - b[i][j]) ** 2 for i in range(n) for j in range(d)) / (n * d)

@@ -6,6 +6,7 @@ for the invariances it should have, for finite (gradchecked) gradients, and for 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -460,14 +461,15 @@ def test_pairwise_entropy_invariances_and_stability() -> None:
     # |x|^2 + |y|^2 - 2 x.y form, which would otherwise cancel ~1e8-sized terms). Compare with the same float32
     # values computed in float64.
     z32 = z.float() + 1e4
-    torch.testing.assert_close(pairwise_entropy(z32, 0.8).double(), pairwise_entropy(z32.double(), 0.8),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        pairwise_entropy(z32, 0.8).double(), pairwise_entropy(z32.double(), 0.8), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_pairwise_entropy_gradients() -> None:
     z = _randn(5, 3, seed=52).requires_grad_()
     for distance in ("kl", "bhattacharyya"):
-        assert torch.autograd.gradcheck(lambda x: pairwise_entropy(x, 0.9, distance), (z,))
+        assert torch.autograd.gradcheck(functools.partial(pairwise_entropy, sigma=0.9, distance=distance), (z,))
     # Duplicated points (zero distances off the diagonal) still give finite gradients.
     dup = torch.cat([z.detach()[:2], z.detach()[:2]]).requires_grad_()
     (g,) = torch.autograd.grad(pairwise_entropy(dup), dup)
@@ -546,8 +548,10 @@ def test_orthonormality_gram_and_dense_paths_agree(n: int, d: int) -> None:
         torch.testing.assert_close(orthonormality_penalty(z2), orthonormality_penalty(z), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("n,points", [(4, [[1.0, 0.5], [-1.0, 2.0], [0.3, -0.7]]),
-                                      (5, [[1.0, 0.5, 0.0], [0.0, 2.0, -1.0], [0.3, -0.7, 1.5]])])
+@pytest.mark.parametrize(
+    "n,points",
+    [(4, [[1.0, 0.5], [-1.0, 2.0], [0.3, -0.7]]), (5, [[1.0, 0.5, 0.0], [0.0, 2.0, -1.0], [0.3, -0.7, 1.5]])],
+)
 def test_orthonormality_exactly_unbiased_on_finite_distribution(n: int, points: list[list[float]]) -> None:
     # z uniform over a few points: enumerate every ordered batch, so the expectation is computed exactly.
     # (n=4, d=2: D x D path; n=5, d=3: Gram path with the odd last row dropped.)
@@ -996,12 +1000,12 @@ def test_swav_official_formulation() -> None:
     loss, codes = 0.0, []
     for crop_id in crops_for_assign:
         with torch.no_grad():
-            out = output[bs * crop_id: bs * (crop_id + 1)].detach()
+            out = output[bs * crop_id : bs * (crop_id + 1)].detach()
             q = sinkhorn_knopp(out, epsilon=0.05, iterations=3)[-bs:]
             codes.append(q)
         subloss = 0.0
         for v in [i for i in range(sum(nmb_crops)) if i != crop_id]:
-            x = output[bs * v: bs * (v + 1)] / t
+            x = output[bs * v : bs * (v + 1)] / t
             subloss -= torch.mean(torch.sum(q * F.log_softmax(x, dim=1), dim=1))
         loss += subloss / (sum(nmb_crops) - 1)
     loss /= len(crops_for_assign)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssltrain.config import ConfigError, SwAVConfig, load_config
-from ssltrain.data.loaders.cpu import Views
+from ssltrain.data.loaders import Views
 from ssltrain.losses import sinkhorn_knopp
 from ssltrain.methods.swav import SwAV
 
@@ -44,16 +44,16 @@ def _official_step(method: SwAV, crops: list[torch.Tensor], queue: torch.Tensor,
     use_the_queue, loss = False, 0.0
     for i, crop_id in enumerate(crops_for_assign):
         with torch.no_grad():
-            out = output[bs * crop_id: bs * (crop_id + 1)].detach()
+            out = output[bs * crop_id : bs * (crop_id + 1)].detach()
             if use_the_queue or not torch.all(queue[i, -1, :] == 0):
                 use_the_queue = True
                 out = torch.cat((torch.mm(queue[i], w.t()), out))
             queue[i, bs:] = queue[i, :-bs].clone()
-            queue[i, :bs] = embedding[crop_id * bs: (crop_id + 1) * bs]
+            queue[i, :bs] = embedding[crop_id * bs : (crop_id + 1) * bs]
             q = sinkhorn_knopp(out, epsilon=0.5, iterations=3)[-bs:]
         subloss = 0
         for v in [j for j in range(sum(nmb_crops)) if j != crop_id]:
-            x = output[bs * v: bs * (v + 1)] / t
+            x = output[bs * v : bs * (v + 1)] / t
             subloss -= torch.mean(torch.sum(q * F.log_softmax(x, dim=1), dim=1))
         loss += subloss / (sum(nmb_crops) - 1)
     return loss / len(crops_for_assign)

@@ -1,84 +1,55 @@
-"""One file per method; ``build_method`` picks it from the config."""
+"""One file per method, registered in :data:`METHODS` under its config name (``method.name``)."""
 
 from __future__ import annotations
 
 from ssltrain.config import Config
+from ssltrain.methods.barlow_twins import BarlowTwins
 from ssltrain.methods.base import Method
+from ssltrain.methods.byol import BYOL
+from ssltrain.methods.cissl import CISSL
+from ssltrain.methods.diet import DIET
+from ssltrain.methods.dino import DINO
+from ssltrain.methods.dissl import DISSL
+from ssltrain.methods.simclr import SimCLR
+from ssltrain.methods.swav import SwAV
+from ssltrain.methods.vcreg import VCReg
+from ssltrain.methods.vicreg import VICReg
+from ssltrain.methods.vicreg_logdet import VICRegLogDet
+from ssltrain.methods.vicreg_pairwise import VICRegPairwise
 from ssltrain.models.backbones import build_backbone
+
+# A new method: its file, its sub-config in config.MethodConfig (that names it), and one line here.
+METHODS: dict[str, type[Method]] = {
+    "vicreg": VICReg,
+    "vicreg_logdet": VICRegLogDet,
+    "vicreg_pairwise": VICRegPairwise,
+    "vcreg": VCReg,
+    "simclr": SimCLR,
+    "barlow_twins": BarlowTwins,
+    "diet": DIET,
+    "cissl": CISSL,
+    "dissl": DISSL,
+    "byol": BYOL,
+    "dino": DINO,
+    "swav": SwAV,
+}
 
 
 def build_method(cfg: Config, num_samples: int | None = None) -> Method:
     """The method ``cfg.method.name`` on the configured backbone. ``num_samples`` (the dataset size) is what
-    DIET's index classifier needs; other methods ignore it. With ``eval.online_linear`` the method carries an
-    online linear probe (``eval.online_linear_classes`` must be resolved by then)."""
-    method = _build(cfg, num_samples)
-    if cfg.eval.online_linear:
-        from ssltrain.monitors.online_linear import OnlineLinearProbe
-
-        if cfg.eval.online_linear_classes < 1:
-            raise ValueError("eval.online_linear needs the number of classes (eval.online_linear_classes)")
-        method.online_probe = OnlineLinearProbe(method.feature_dim, cfg.eval.online_linear_classes)
-    return method
-
-
-def _build(cfg: Config, num_samples: int | None) -> Method:
+    DIET's index classifier needs; other methods ignore it."""
+    if cfg.method.name not in METHODS:
+        raise ValueError(f"unknown method '{cfg.method.name}'; choose one of {', '.join(METHODS)}")
     m = cfg.model
-    backbone, dim = build_backbone(m.backbone, small_stem=m.small_stem, zero_init_residual=m.zero_init_residual,
-                                   patch_size=m.patch_size, image_size=cfg.augment.global_crops.size,
-                                   drop_path=m.drop_path)
-    name, mc, impl = cfg.method.name, cfg.method, cfg.loss.impl
-    projector = list(mc.projector)
-    if name == "vicreg":
-        from ssltrain.methods.vicreg import VICReg
-
-        return VICReg(backbone, dim, projector, mc.vicreg, impl)
-    if name == "vicreg_logdet":
-        from ssltrain.methods.vicreg_logdet import VICRegLogDet
-
-        return VICRegLogDet(backbone, dim, projector, mc.vicreg_logdet, impl)
-    if name == "vicreg_pairwise":
-        from ssltrain.methods.vicreg_pairwise import VICRegPairwise
-
-        return VICRegPairwise(backbone, dim, projector, mc.vicreg_pairwise, impl)
-    if name == "vcreg":
-        from ssltrain.methods.vcreg import VCReg
-
-        return VCReg(backbone, dim, projector, mc.vcreg, impl)
-    if name == "simclr":
-        from ssltrain.methods.simclr import SimCLR
-
-        return SimCLR(backbone, dim, projector, mc.simclr, impl)
-    if name == "barlow_twins":
-        from ssltrain.methods.barlow_twins import BarlowTwins
-
-        return BarlowTwins(backbone, dim, projector, mc.barlow_twins, impl)
-    if name == "diet":
-        from ssltrain.methods.diet import DIET
-
-        if num_samples is None:
-            raise ValueError("DIET needs the number of training samples (its classifier has one output per sample)")
-        return DIET(backbone, dim, num_samples, mc.diet, impl)
-    if name == "cissl":
-        from ssltrain.methods.cissl import CISSL
-
-        return CISSL(backbone, dim, projector, mc.cissl, impl)
-    if name == "dissl":
-        from ssltrain.methods.dissl import DISSL
-
-        return DISSL(backbone, dim, projector, mc.dissl, impl)
-    if name == "byol":
-        from ssltrain.methods.byol import BYOL
-
-        return BYOL(backbone, dim, projector, mc.byol, impl)
-    if name == "dino":
-        from ssltrain.methods.dino import DINO
-
-        return DINO(backbone, dim, mc.dino, impl)
-    if name == "swav":
-        from ssltrain.methods.swav import SwAV
-
-        return SwAV(backbone, dim, projector, mc.swav, impl, num_global=cfg.augment.global_crops.count)
-    raise ValueError(f"unknown method '{name}'")
+    backbone, dim = build_backbone(
+        m.backbone,
+        small_stem=m.small_stem,
+        zero_init_residual=m.zero_init_residual,
+        patch_size=m.patch_size,
+        image_size=cfg.augment.global_crops.size,
+        drop_path=m.drop_path,
+    )
+    return METHODS[cfg.method.name].from_config(cfg, backbone, dim, num_samples)
 
 
-__all__ = ["Method", "build_method"]
+__all__ = ["METHODS", "Method", "build_method"]

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ssltrain import kernels
-from ssltrain.config import BarlowTwinsConfig
+from ssltrain.config import BarlowTwinsConfig, Config
+from ssltrain.losses import dispatch
 from ssltrain.methods.base import TwoViewMethod
 
 
 class BarlowTwins(TwoViewMethod):
     cfg: BarlowTwinsConfig
 
+    @classmethod
+    def section(cls, cfg: Config) -> object:
+        return cfg.method.barlow_twins
+
     def pair_loss(self, z_a: Tensor, z_b: Tensor, rows: Tensor | None) -> dict[str, Tensor]:
-        return kernels.barlow_twins(z_a, z_b, self.cfg.lambd, impl=self.loss_impl)
+        return dispatch.barlow_twins(z_a, z_b, self.cfg.lambd, impl=self.loss_impl)

@@ -14,17 +14,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ssltrain.config import BYOLConfig
-from ssltrain.data.loaders.cpu import Views
+from ssltrain.config import BYOLConfig, Config
+from ssltrain.data.loaders import Views
 from ssltrain.losses import byol_loss
-from ssltrain.methods.base import Method
+from ssltrain.methods.base import Method, outputs
 from ssltrain.models.ema import cosine_momentum, ema_update, frozen_copy
 from ssltrain.models.heads import MLP
 
 
 class BYOL(Method):
-    def __init__(self, backbone: nn.Module, feature_dim: int, projector: list[int], cfg: BYOLConfig,
-                 loss_impl: str = "auto") -> None:
+    def __init__(
+        self, backbone: nn.Module, feature_dim: int, projector: list[int], cfg: BYOLConfig, loss_impl: str = "auto"
+    ) -> None:
         super().__init__(backbone, feature_dim, loss_impl)
         self.projector = MLP(feature_dim, projector)
         self.predictor = MLP(projector[-1], list(cfg.predictor))
@@ -32,15 +33,18 @@ class BYOL(Method):
         self.teacher_projector = frozen_copy(self.projector)
         self.cfg = cfg
 
+    @classmethod
+    def from_config(cls, cfg: Config, backbone: nn.Module, feature_dim: int, num_samples: int | None = None) -> BYOL:
+        return cls(backbone, feature_dim, list(cfg.method.projector), cfg.method.byol, cfg.loss.impl)
+
     def forward(self, views: Views) -> dict[str, Tensor]:
-        z = self.encode_views(views, self.projector)
+        z, features = self.encode_views(views, self.projector)
         p = [self.predictor(x) for x in z]
-        self.watch(z[0])
         num_global = len(views.global_views)
         with torch.no_grad():
-            t = self.encode_views(views, self.teacher_projector, self.teacher_backbone, num_views=num_global)
+            t = self.encode_views(views, self.teacher_projector, self.teacher_backbone, num_views=num_global).views
         terms = [byol_loss(p[v], t[g]) for g in range(num_global) for v in range(len(p)) if v != g]
-        return {"loss": torch.stack(terms).mean()}
+        return outputs({"loss": torch.stack(terms).mean()}, z[0], features)
 
     def lr_scales(self) -> dict[str, float]:
         scale = self.cfg.predictor_lr_scale

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ssltrain import kernels
-from ssltrain.config import SimCLRConfig
+from ssltrain.config import Config, SimCLRConfig
+from ssltrain.losses import dispatch
 from ssltrain.methods.base import TwoViewMethod
 
 
@@ -17,5 +17,9 @@ class SimCLR(TwoViewMethod):
     row_split = True
     cfg: SimCLRConfig
 
+    @classmethod
+    def section(cls, cfg: Config) -> object:
+        return cfg.method.simclr
+
     def pair_loss(self, z_a: Tensor, z_b: Tensor, rows: Tensor | None) -> dict[str, Tensor]:
-        return kernels.nt_xent(z_a, z_b, self.cfg.temperature, rows=rows, impl=self.loss_impl)
+        return dispatch.nt_xent(z_a, z_b, self.cfg.temperature, rows=rows, impl=self.loss_impl)

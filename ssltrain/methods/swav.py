@@ -18,17 +18,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssltrain.config import SwAVConfig
-from ssltrain.data.loaders.cpu import Views
+from ssltrain.config import Config, SwAVConfig
 from ssltrain.core.collectives import gather_no_grad, row_offset
+from ssltrain.data.loaders import Views
 from ssltrain.losses import sinkhorn_knopp, swav_loss
-from ssltrain.methods.base import Method
+from ssltrain.methods.base import Method, outputs
 from ssltrain.models.heads import MLP, Prototypes
 
 
 class SwAV(Method):
-    def __init__(self, backbone: nn.Module, feature_dim: int, projector: list[int], cfg: SwAVConfig,
-                 loss_impl: str = "auto", num_global: int = 2) -> None:
+    queue: Tensor  # buffers, with method.swav.queue_size > 0
+    queue_rows: Tensor
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        projector: list[int],
+        cfg: SwAVConfig,
+        loss_impl: str = "auto",
+        num_global: int = 2,
+    ) -> None:
         super().__init__(backbone, feature_dim, loss_impl)
         self.projector = MLP(feature_dim, projector)
         self.prototypes = Prototypes(projector[-1], cfg.prototypes)
@@ -40,13 +50,24 @@ class SwAV(Method):
             self.register_buffer("queue_rows", torch.zeros((), dtype=torch.long))  # rows pushed, capped at size
             self.register_load_state_dict_post_hook(_forget_queue_rows)
 
+    @classmethod
+    def from_config(cls, cfg: Config, backbone: nn.Module, feature_dim: int, num_samples: int | None = None) -> SwAV:
+        return cls(
+            backbone,
+            feature_dim,
+            list(cfg.method.projector),
+            cfg.method.swav,
+            cfg.loss.impl,
+            num_global=cfg.augment.global_crops.count,
+        )
+
     def on_step_start(self, step: int, total_steps: int) -> None:
         self._queue_active = bool(self.cfg.queue_size) and step >= self.cfg.queue_start_step
 
     def forward(self, views: Views) -> dict[str, Tensor]:
         self.prototypes.normalize_()
-        z = [F.normalize(x, dim=1) for x in self.encode_views(views, self.projector)]
-        self.watch(z[0])
+        encoded, features = self.encode_views(views, self.projector)
+        z = [F.normalize(x, dim=1) for x in encoded]
         scores = [self.prototypes(x) for x in z]
         num_global = len(views.global_views)
         use_queue = self._queue_full(num_global)
@@ -62,14 +83,16 @@ class SwAV(Method):
                 codes.append(full[start : start + local.shape[0]])
             if self._queue_active and self.training:
                 self._push([gather_no_grad(z[g].detach()) for g in range(num_global)])
-        return swav_loss(scores, codes, self.cfg.temperature)
+        return outputs(swav_loss(scores, codes, self.cfg.temperature), z[0], features)
 
     def _queue_full(self, num_global: int) -> bool:
         if not self._queue_active:
             return False
         if self.queue.shape[0] != num_global:
-            raise ValueError(f"the SwAV queue holds {self.queue.shape[0]} global views but the batch has {num_global}; "
-                             "method.swav.queue_size needs augment.global_crops.count to stay as it was built")
+            raise ValueError(
+                f"the SwAV queue holds {self.queue.shape[0]} global views but the batch has {num_global}; "
+                "method.swav.queue_size needs augment.global_crops.count to stay as it was built"
+            )
         return self._rows_pushed() >= self.queue.shape[1]
 
     def _rows_pushed(self) -> int:
@@ -96,4 +119,5 @@ class SwAV(Method):
 
 def _forget_queue_rows(module: nn.Module, incompatible_keys: object) -> None:
     """A loaded state has its own queue fill: read it again at the next step."""
-    module._queue_rows_seen = None
+    if isinstance(module, SwAV):
+        module._queue_rows_seen = None

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ssltrain.config import VCRegConfig
+from ssltrain.config import Config, VCRegConfig
 from ssltrain.losses import vcreg_loss
 from ssltrain.methods.base import TwoViewMethod
 
 
 class VCReg(TwoViewMethod):
     cfg: VCRegConfig
+
+    @classmethod
+    def section(cls, cfg: Config) -> object:
+        return cfg.method.vcreg
 
     def pair_loss(self, z_a: Tensor, z_b: Tensor, rows: Tensor | None) -> dict[str, Tensor]:
         return vcreg_loss(z_a, z_b, self.cfg.sim_weight, self.cfg.ortho_weight)

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ssltrain.config import VICRegLogDetConfig
+from ssltrain.config import Config, VICRegLogDetConfig
 from ssltrain.losses import vicreg_logdet_loss
 from ssltrain.methods.base import TwoViewMethod
 
 
 class VICRegLogDet(TwoViewMethod):
     cfg: VICRegLogDetConfig
+
+    @classmethod
+    def section(cls, cfg: Config) -> object:
+        return cfg.method.vicreg_logdet
 
     def pair_loss(self, z_a: Tensor, z_b: Tensor, rows: Tensor | None) -> dict[str, Tensor]:
         c = self.cfg

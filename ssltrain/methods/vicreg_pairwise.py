@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ssltrain.config import VICRegPairwiseConfig
+from ssltrain.config import Config, VICRegPairwiseConfig
 from ssltrain.losses import vicreg_pairwise_loss
 from ssltrain.methods.base import TwoViewMethod
 
 
 class VICRegPairwise(TwoViewMethod):
     cfg: VICRegPairwiseConfig
+
+    @classmethod
+    def section(cls, cfg: Config) -> object:
+        return cfg.method.vicreg_pairwise
 
     def pair_loss(self, z_a: Tensor, z_b: Tensor, rows: Tensor | None) -> dict[str, Tensor]:
         c = self.cfg

@@ -8,9 +8,13 @@ position-embedding interpolation built in (``dynamic_img_size``), which multi-cr
 
 from __future__ import annotations
 
+from typing import Any
+
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchvision import models
+
+from ssltrain.config import VIDEO_BACKBONES
 
 RESNETS = {"resnet18": models.resnet18, "resnet50": models.resnet50}
 
@@ -22,7 +26,6 @@ BACKBONES: tuple[str, ...] = (*RESNETS, *VITS)
 # Video backbones take clips [B, 3, T, H, W] (data.modality=video, data.video.mode=clips); kept apart from BACKBONES,
 # which take images. R3D-18 (Tran et al. 2018): 3D convolutions throughout, 512-d pooled features.
 VIDEO_RESNETS = {"r3d_18": models.video.r3d_18}
-VIDEO_BACKBONES: tuple[str, ...] = tuple(VIDEO_RESNETS)
 
 
 class ViT(VisionTransformer):
@@ -32,13 +35,13 @@ class ViT(VisionTransformer):
     is resampled on the fly for any other grid (timm's ``resample_abs_pos_embed``: ``F.interpolate`` bicubic with
     ``antialias=True``, i.e. PIL's a=-0.5 kernel, smoothing when shrinking; the CLS entry is kept as is); at the
     native grid it is used unchanged. This is not bit-equal to the DINO reference (a=-0.75, no antialias), which
-    only matters when loading DINO weights trained at another grid, not when training from scratch. An input whose height or width is
-    not a multiple of the patch size raises ``ValueError`` (timm itself would raise a bare ``AssertionError``;
-    the padding alternative, ``dynamic_img_pad``, is off so crops are never silently padded). Rectangular
-    inputs are fine. Parameter names equal timm's, so timm state dicts load as they are.
+    only matters when loading DINO weights trained at another grid, not when training from scratch. An input
+    whose height or width is not a multiple of the patch size raises ``ValueError`` (timm itself would raise a
+    bare ``AssertionError``; the padding alternative, ``dynamic_img_pad``, is off so crops are never silently
+    padded). Rectangular inputs are fine. Parameter names equal timm's, so timm state dicts load as they are.
     """
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"a ViT takes (B, C, H, W) images, got shape {tuple(x.shape)}")
         p_h, p_w = self.patch_embed.patch_size
@@ -48,7 +51,7 @@ class ViT(VisionTransformer):
                 f"image size {h}x{w} is not divisible by the ViT patch size {p_h}x{p_w}; "
                 "choose crop sizes that are multiples of model.patch_size"
             )
-        return super().forward(x)
+        return super().forward(x, *args, **kwargs)
 
 
 def _build_vit(name: str, patch_size: int, image_size: int, drop_path: float) -> tuple[nn.Module, int]:
@@ -86,12 +89,12 @@ def build_backbone(
 ) -> tuple[nn.Module, int]:
     """Return ``(backbone, feature_dim)`` for one of ``BACKBONES``.
 
-    ResNets: ``small_stem`` swaps the 7x7/2 conv + max-pool for a 3x3/1 conv. The small stem keeps spatial
-    resolution for 32-64 px images (CIFAR-style), at roughly 10x the compute of the standard stem at 32 px, so
-    the demo uses the standard stem. ``zero_init_residual`` (the large-batch SSL recipes' choice) starts every
-    residual branch at zero: at 32 px such a network is little more than strided samples of the stem (kNN 0.19
-    on digits vs 0.93 for torchvision's default init), so it is off by default. ``patch_size`` and
-    ``image_size`` are ignored (ResNets take any size); ``drop_path > 0`` is an error (no stochastic depth).
+    ResNets: ``small_stem`` swaps the 7x7/2 conv + max-pool for a 3x3/1 conv, which keeps the spatial resolution
+    of 32-64 px (CIFAR-style) images at a multiple of the compute. ``zero_init_residual`` (the large-batch SSL
+    recipes' choice) starts every residual branch at zero; on small images such a network starts as little more
+    than strided samples of the stem, so it is off by default (docs/results.md has both measurements).
+    ``patch_size`` and ``image_size`` are ignored (ResNets take any size); ``drop_path > 0`` is an error (no
+    stochastic depth).
 
     ViTs (``vit_tiny`` 192/12/3, ``vit_small`` 384/12/6, ``vit_base`` 768/12/12 for dim/depth/heads):
     ``patch_size`` x ``patch_size`` patches, position embeddings stored for an ``image_size`` grid and
@@ -115,8 +118,8 @@ def build_backbone(
                 raise ValueError(f"{flag} applies to ResNets only, not to {name}")
         return _build_vit(name, patch_size, image_size, drop_path)
     if name in VIDEO_RESNETS:  # clips [B, 3, T, H, W]; any T, H, W (adaptive pooling)
-        for flag, value in (("small_stem", small_stem), ("drop_path", drop_path)):
-            if value:
+        for flag, setting in (("small_stem", float(small_stem)), ("drop_path", drop_path)):
+            if setting:
                 raise ValueError(f"{flag} applies to image backbones only, not to {name}")
         net = VIDEO_RESNETS[name](weights=None, zero_init_residual=zero_init_residual)
         dim = net.fc.in_features
