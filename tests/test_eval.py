@@ -12,19 +12,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import make_shards, tiny_config
 from torch import nn
 
-from conftest import make_shards, tiny_config
 from ssltrain.cli import main
 from ssltrain.data.augment import EvalTransform
 from ssltrain.data.embedded import digits_samples
 from ssltrain.data.shards import DataError, write_shards
 from ssltrain.data.stream import ShardCatalog
+from ssltrain.engine.loop import train
 from ssltrain.eval.cli import add_eval_parser, add_report_parser
 from ssltrain.eval.evaluate import EvalOptions, evaluate_run, format_table, latest_checkpoint
 from ssltrain.eval.features import extract_features
 from ssltrain.eval.metrics_log import read_metrics
-from ssltrain.engine.loop import train
 
 TRANSFORM = EvalTransform(16, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
 
@@ -44,8 +44,16 @@ class CountingNet(nn.Module):
 
 
 def _extract(model: nn.Module, spec: str, cache: Path | None, **kw) -> object:
-    return extract_features(model, ShardCatalog.from_spec(spec), TRANSFORM, batch_size=16, workers=0,
-                            device=torch.device("cpu"), cache_dir=cache, **kw)
+    return extract_features(
+        model,
+        ShardCatalog.from_spec(spec),
+        TRANSFORM,
+        batch_size=16,
+        workers=0,
+        device=torch.device("cpu"),
+        cache_dir=cache,
+        **kw,
+    )
 
 
 def test_feature_cache_hit_is_identical_and_runs_no_model(shard_dir: Path, tmp_path: Path) -> None:
@@ -95,8 +103,18 @@ def _dist_worker(rank: int, world: int, init_file: str, spec: str, out: str) -> 
         first = _extract(model, spec, cache, tag="t", split="s")
         seen = model.seen
         second = _extract(model, spec, cache, tag="t", split="s")
-        torch.save({"x": first.x, "y": first.y, "index": first.index, "seen": seen, "cached": second.cached,
-                    "seen_after": model.seen, "x2": second.x}, Path(out) / f"rank{rank}.pt")
+        torch.save(
+            {
+                "x": first.x,
+                "y": first.y,
+                "index": first.index,
+                "seen": seen,
+                "cached": second.cached,
+                "seen_after": model.seen,
+                "x2": second.x,
+            },
+            Path(out) / f"rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -118,7 +136,12 @@ def test_distributed_extraction_equals_one_process(shard_dir: Path, tmp_path: Pa
 
 
 def test_eval_writes_results_records_and_spectrum(shard_dir: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path, str(shard_dir), steps=2, **{"eval.train": str(shard_dir), "eval.val": str(shard_dir), "eval.linear_epochs": 5})
+    cfg = tiny_config(
+        tmp_path,
+        str(shard_dir),
+        steps=2,
+        **{"eval.train": str(shard_dir), "eval.val": str(shard_dir), "eval.linear_epochs": 5},
+    )
     run = train(cfg)
     results = evaluate_run(run, options=EvalOptions(knn_ks=(1, 10, 100)))
     assert set(results) == {"ssl", "random"}
@@ -139,10 +162,14 @@ def test_eval_writes_results_records_and_spectrum(shard_dir: Path, tmp_path: Pat
     assert spectrum["ssl"]["features"] == sorted(spectrum["ssl"]["features"], reverse=True)
     evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval" in r]
     assert {(r["eval"], r["backbone"], r.get("k")) for r in evals} == {
-        (e, b, k) for b in ("ssl", "random")
-        for e, k in (("knn", 1), ("knn", 10), ("knn", 20), ("linear", None), ("rankme", None))}
+        (e, b, k)
+        for b in ("ssl", "random")
+        for e, k in (("knn", 1), ("knn", 10), ("knn", 20), ("linear", None), ("rankme", None))
+    }
     table = format_table(results, 2)
-    assert "kNN top-1 (k=10)" in table and "random init" in table and "SSL (step 2)" in table and "linear top-5" in table
+    assert (
+        "kNN top-1 (k=10)" in table and "random init" in table and "SSL (step 2)" in table and "linear top-5" in table
+    )
     assert len(list((run / "features").glob("*.pt"))) == 4  # {step-2, random} x {train, val}
 
 
@@ -158,8 +185,9 @@ def test_cli_eval_of_a_checkpoint_dir_with_data_flag(tmp_path: Path, capsys: pyt
     add_report_parser(sub)
     ckpt = latest_checkpoint(run)
     out = tmp_path / "elsewhere"
-    args = parser.parse_args(["eval", str(ckpt), "--data", str(data), "--probe", "knn", "--knn-k", "3,5",
-                              "--no-random", "--out", str(out)])
+    args = parser.parse_args(
+        ["eval", str(ckpt), "--data", str(data), "--probe", "knn", "--knn-k", "3,5", "--no-random", "--out", str(out)]
+    )
     args.func(args)
     printed = capsys.readouterr().out
     assert "kNN top-1 (k=3)" in printed and "random init" not in printed and "linear" not in printed
@@ -204,14 +232,26 @@ def test_pretraining_on_digits_beats_the_random_init_backbone(tmp_path: Path) ->
     write_shards(digits_samples("train"), data, "train", max_count=400)
     write_shards(digits_samples("val"), data, "val")
     cfg = tiny_config(
-        tmp_path, str(data / "train-*.tar"),
+        tmp_path,
+        str(data / "train-*.tar"),
         **{
-            "name": "digits", "steps": DIGITS_STEPS, "log_every": 10, "data.batch_size": 256, "data.workers": 1,
-            "augment.global_crops.size": 16, "augment.global_crops.scale": "[0.5,1.0]", "augment.global_crops.flip_p": 0.0,
-            "augment.global_crops.blur_p": "[0.0]", "augment.global_crops.solarize_p": "[0.0]",
-            "augment.global_crops.grayscale_p": 0.0, "method.projector": "[1024,1024,1024]",
-            "optim.lr": 0.002, "optim.warmup_steps": 10, "checkpoint.every": 1000,
-            "eval.train": str(data / "train-*.tar"), "eval.val": str(data / "val-*.tar"),
+            "name": "digits",
+            "steps": DIGITS_STEPS,
+            "log_every": 10,
+            "data.batch_size": 256,
+            "data.workers": 1,
+            "augment.global_crops.size": 16,
+            "augment.global_crops.scale": "[0.5,1.0]",
+            "augment.global_crops.flip_p": 0.0,
+            "augment.global_crops.blur_p": "[0.0]",
+            "augment.global_crops.solarize_p": "[0.0]",
+            "augment.global_crops.grayscale_p": 0.0,
+            "method.projector": "[1024,1024,1024]",
+            "optim.lr": 0.002,
+            "optim.warmup_steps": 10,
+            "checkpoint.every": 1000,
+            "eval.train": str(data / "train-*.tar"),
+            "eval.val": str(data / "val-*.tar"),
         },
     )
     results = evaluate_run(train(cfg))

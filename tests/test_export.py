@@ -9,14 +9,14 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
-from ssltrain.core.checkpoints import load_checkpoint
 from ssltrain.cli import main
 from ssltrain.config import from_yaml_text
-from ssltrain.methods import build_method
+from ssltrain.core.checkpoints import load_checkpoint
 from ssltrain.engine.loop import train
+from ssltrain.methods import build_method
 
 
 def ssltrain_backbone(run: Path) -> torch.nn.Module:
@@ -27,8 +27,9 @@ def ssltrain_backbone(run: Path) -> torch.nn.Module:
 
 
 def test_resnet_export_loads_into_torchvision(shard_dir: Path, tmp_path: Path) -> None:
-    run = train(tiny_config(tmp_path, str(shard_dir), steps=2, **{"method.name": "byol",
-                                                                  "method.byol.predictor": "[32,64]"}))
+    run = train(
+        tiny_config(tmp_path, str(shard_dir), steps=2, **{"method.name": "byol", "method.byol.predictor": "[32,64]"})
+    )
     assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 0
     card = json.loads((tmp_path / "out/backbone.json").read_text())
     assert card["library"] == "torchvision" and card["architecture"] == "resnet18" and card["step"] == 2
@@ -43,12 +44,16 @@ def test_resnet_export_loads_into_torchvision(shard_dir: Path, tmp_path: Path) -
 
 def test_vit_export_loads_into_timm(shard_dir: Path, tmp_path: Path) -> None:
     run = train(tiny_config(tmp_path, str(shard_dir), steps=1, **{"model.backbone": "vit_tiny", "model.patch_size": 8}))
-    assert main(["export", str(run / "checkpoints/step-1"), "--out", str(tmp_path / "out"), "--format", "safetensors"]) == 0
+    assert (
+        main(["export", str(run / "checkpoints/step-1"), "--out", str(tmp_path / "out"), "--format", "safetensors"])
+        == 0
+    )
     assert not (tmp_path / "out/backbone.pt").exists()
     card = json.loads((tmp_path / "out/backbone.json").read_text())
     assert card["library"] == "timm" and "patch_size=8" in card["load"]
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=8,
-                              dynamic_img_size=True)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=8, dynamic_img_size=True
+    )
     model.load_state_dict(load_file(tmp_path / "out/backbone.safetensors"))
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(model.eval()(x), ssltrain_backbone(run)(x), rtol=0, atol=0)

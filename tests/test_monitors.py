@@ -1,17 +1,30 @@
-"""Collapse monitors: RankMe, per-dimension std (raw and SimSiam's normalised), LogDet entropy per dimension,
-alignment / uniformity of two views, the singular-value spectrum, and the collapse warnings."""
+"""Collapse monitors: RankMe, per-dimension std (raw and SimSiam's normalised), LogDet entropy per dimension, the
+singular-value spectrum, and the collapse warnings; and the training loop's monitor callbacks (monitors/), each
+driven with hand-made step outputs: collapse, online kNN, the online linear probe, and their registry."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import make_shards, tiny_config
+from torch import nn
 
+from ssltrain.config import Config, ConfigError
+from ssltrain.data.stream import ShardCatalog
+from ssltrain.eval.features import eval_transform, extract_features
+from ssltrain.eval.knn import knn_accuracy, num_classes_of
+from ssltrain.eval.representation import collapse_warnings, embedding_monitors, rankme, singular_values, spectrum
 from ssltrain.losses import logdet_entropy
-from ssltrain.eval.representation import (
-    alignment, collapse_warnings, embedding_monitors, rankme, singular_values, spectrum, uniformity,
-)
+from ssltrain.methods import build_method
+from ssltrain.monitors import MONITORS, MonitorContext, StepOutputs, build_monitors
+from ssltrain.monitors.collapse import Collapse
+from ssltrain.monitors.online_knn import OnlineKNN
+from ssltrain.monitors.online_linear import OnlineLinear
 
 KEYS = {"emb_std", "emb_std_min", "emb_std_normalized", "emb_rankme", "emb_logdet_entropy"}
 
@@ -95,55 +108,16 @@ def test_single_row_and_non_finite() -> None:
         embedding_monitors(torch.randn(4))
 
 
-# ---------------------------------------------------------------- alignment and uniformity (Wang & Isola 2020)
-
-
-def test_alignment_by_hand() -> None:
-    z = torch.randn(32, 8, generator=_gen(10))
-    assert alignment(z, 3.0 * z) == pytest.approx(0.0, abs=1e-6)  # same directions: perfectly aligned
-    assert alignment(z, -z) == pytest.approx(4.0, rel=1e-6)  # antipodal: ||f - (-f)||^2 = 4, the worst
-    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])  # orthogonal: ||e1 - e2||^2 = 2
-    assert alignment(a, b) == pytest.approx(2.0)
-
-
-def test_uniformity_by_hand() -> None:
-    # Two antipodal points: one pair at squared distance 4, so log exp(-2 * 4) = -8.
-    assert uniformity(torch.tensor([[1.0, 0.0], [-5.0, 0.0]])) == pytest.approx(-8.0, rel=1e-6)
-    # Three points at 120 degrees on the circle: every pair at squared distance 3, so -6.
-    pts = torch.tensor([[math.cos(a), math.sin(a)] for a in (0.0, 2 * math.pi / 3, 4 * math.pi / 3)])
-    assert uniformity(pts) == pytest.approx(-6.0, rel=1e-5)
-    collapsed = torch.randn(1, 16, generator=_gen(11)).expand(64, 16) * torch.rand(64, 1, generator=_gen(12))
-    assert uniformity(collapsed + 1e-3 * collapsed.abs().max()) == pytest.approx(0.0, abs=1e-3)  # one direction
-    spread = uniformity(torch.randn(512, 16, generator=_gen(13)))
-    assert -4.0 < spread < -3.0  # isotropic on S^15: E exp(-2||f - f'||^2) = E exp(-4 + 4 cos) ~ e^-4 (1 + ...)
-    # logsumexp keeps a hugely spread batch finite where log(mean(exp)) would give log(0)
-    assert math.isfinite(uniformity(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), t=1000.0))
-
-
-def test_pair_keys_with_two_views() -> None:
-    z1 = torch.randn(64, 16, generator=_gen(14))
-    z2 = z1 + 0.1 * torch.randn(64, 16, generator=_gen(15))
-    m = embedding_monitors(z1, other=z2)
-    assert set(m) == KEYS | {"emb_align", "emb_uniform"}
-    assert m["emb_align"] == pytest.approx(alignment(z1, z2)) and 0.0 < m["emb_align"] < 0.1
-    assert m["emb_uniform"] == pytest.approx(0.5 * (uniformity(z1) + uniformity(z2)))
-    far = embedding_monitors(z1, other=torch.randn(64, 16, generator=_gen(16)))
-    assert far["emb_align"] > 1.5  # independent views: ~2 (orthogonal on average)
-    assert "emb_align" not in embedding_monitors(z1)  # one view: the key set is as before
-    bad = z2.clone()
-    bad[0, 0] = float("nan")
-    assert math.isnan(embedding_monitors(z1, other=bad)["emb_align"])
-    with pytest.raises(ValueError, match="shape"):
-        embedding_monitors(z1, other=z2[:10])
-
-
 # ---------------------------------------------------------------- spectrum and warnings
 
 
 def test_spectrum_is_the_principal_axis_stds() -> None:
     # Independent coordinates with stds 5, 2, 0.5 around a large offset: centring removes the offset.
     g = _gen(17)
-    z = torch.randn(20000, 3, generator=g, dtype=torch.float64) * torch.tensor([5.0, 2.0, 0.5], dtype=torch.float64) + 100.0
+    z = (
+        torch.randn(20000, 3, generator=g, dtype=torch.float64) * torch.tensor([5.0, 2.0, 0.5], dtype=torch.float64)
+        + 100.0
+    )
     s = spectrum(z)
     torch.testing.assert_close(s, torch.tensor([5.0, 2.0, 0.5], dtype=torch.float64), rtol=0.03, atol=0.0)
     assert spectrum(z, center=False)[0] > 100.0  # uncentred, the mean dominates
@@ -157,19 +131,294 @@ def test_spectrum_is_the_principal_axis_stds() -> None:
 
 
 def test_collapse_warnings() -> None:
+    limits = dict(rankme_min=10.0, std_min=0.1)  # eval.collapse_rankme / eval.collapse_std defaults
     healthy = {"emb_rankme": 150.0, "emb_std_normalized": 0.9}
-    assert collapse_warnings(healthy) == []
-    low_rank = collapse_warnings({"emb_rankme": 3.2, "emb_std_normalized": 0.9})
+    assert collapse_warnings(healthy, "emb", **limits) == []
+    low_rank = collapse_warnings({"emb_rankme": 3.2, "emb_std_normalized": 0.9}, "emb", **limits)
     assert len(low_rank) == 1 and "emb_rankme = 3.2 < 10" in low_rank[0]
-    both = collapse_warnings({"feat_rankme": 1.0, "feat_std_normalized": 0.01}, prefix="feat")
+    both = collapse_warnings({"feat_rankme": 1.0, "feat_std_normalized": 0.01}, "feat", **limits)
     assert len(both) == 2 and "feat_std_normalized" in both[1]
     # A batch of 8 cannot have RankMe above 8: 7 is healthy there; the threshold is capped at max_rank / 2.
-    assert collapse_warnings({"emb_rankme": 7.0}, max_rank=8) == []
-    assert len(collapse_warnings({"emb_rankme": 3.0}, max_rank=8)) == 1
+    assert collapse_warnings({"emb_rankme": 7.0}, "emb", **limits, max_rank=8) == []
+    assert len(collapse_warnings({"emb_rankme": 3.0}, "emb", **limits, max_rank=8)) == 1
     # Values as metrics.jsonl stores them: "nan" strings and missing keys warn about nothing.
-    assert collapse_warnings({"emb_rankme": "nan", "emb_std_normalized": None}) == []
-    assert collapse_warnings({}, rankme_min=100.0) == []
+    assert collapse_warnings({"emb_rankme": "nan", "emb_std_normalized": None}, "emb", **limits) == []
+    assert collapse_warnings({}, "emb", rankme_min=100.0, std_min=0.1) == []
     # The monitors of a collapsed batch trip both warnings.
     collapsed = torch.randn(1, 32, generator=_gen(18)).expand(256, 32) + 1e-4 * torch.randn(256, 32, generator=_gen(19))
-    assert len(collapse_warnings(embedding_monitors(collapsed))) == 2
-    assert collapse_warnings(embedding_monitors(torch.randn(256, 32, generator=_gen(20)))) == []
+    assert len(collapse_warnings(embedding_monitors(collapsed), "emb", **limits)) == 2
+    assert collapse_warnings(embedding_monitors(torch.randn(256, 32, generator=_gen(20))), "emb", **limits) == []
+
+
+# ---------------------------------------------------------------- the loop's monitors, driven by hand
+
+
+def _config(tmp_path: Path, **overrides: object) -> Config:
+    return tiny_config(tmp_path, str(tmp_path / "unused"), **overrides)
+
+
+class _Encoder(nn.Module):
+    """Stands in for a Method: what MonitorContext.model offers the monitors (feature_dim, features, backbone)."""
+
+    def __init__(self, feature_dim: int = 6) -> None:
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.backbone = nn.Sequential(nn.Flatten(), nn.LazyLinear(feature_dim))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+
+def _context(cfg: Config, model: nn.Module | None = None, num_classes: int = 0, is_main: bool = True) -> MonitorContext:
+    model = model if model is not None else _Encoder()
+    return MonitorContext(cfg, torch.device("cpu"), model, model, is_main, num_classes)
+
+
+def _outputs(
+    step: int,
+    *,
+    embeddings: torch.Tensor | None = None,
+    features: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    log_due: bool = True,
+    lr_factor: float = 1.0,
+) -> StepOutputs:
+    return StepOutputs(
+        step, {"loss": torch.tensor(1.0)}, embeddings, features, labels, log_due, 0.1 * lr_factor, lr_factor
+    )
+
+
+def test_build_monitors_follows_the_config_and_the_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert [m.name for m in build_monitors(_context(_config(tmp_path)))] == ["collapse"]  # on by default
+    probe = _context(_config(tmp_path, **{"eval.online_linear": True}), num_classes=5)
+    (collapse, linear) = build_monitors(probe)
+    assert isinstance(collapse, Collapse) and isinstance(linear, OnlineLinear) and linear.num_classes == 5
+    assert linear.linear.weight.shape == (5, 6)
+    stated = _context(_config(tmp_path, **{"eval.online_linear": True, "eval.online_linear_classes": 7}), num_classes=5)
+    assert build_monitors(stated)[1].linear.weight.shape == (7, 6)  # the config's count wins over the data's
+    with pytest.raises(ConfigError, match="online_linear_classes"):
+        build_monitors(_context(_config(tmp_path, **{"eval.online_linear": True})))
+    monkeypatch.setitem(MONITORS, "mine", lambda ctx: Collapse.build(ctx))  # a name that is not its monitor's
+    with pytest.raises(ValueError, match="registered as 'mine'"):
+        build_monitors(_context(_config(tmp_path)))
+
+
+def test_collapse_monitor_measures_rank_0_at_log_steps_and_warns_once_per_crossing(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, **{"eval.collapse_std": 0.5})
+    monitor = Collapse.build(_context(cfg))
+    z = torch.randn(64, 16, generator=_gen(21))
+    assert monitor.on_step(_outputs(1, embeddings=z, log_due=False)) == {}  # an SVD only where it is logged
+    assert monitor.on_step(_outputs(1, embeddings=z[:1])) == {}  # one row: no batch statistics
+    assert monitor.on_step(_outputs(1, embeddings=None)) == {}
+    assert monitor.on_step(_outputs(2, embeddings=z)) == embedding_monitors(z, prefix="emb")
+    assert Collapse.build(_context(cfg, is_main=False)).on_step(_outputs(2, embeddings=z)) == {}
+    collapsed = z[:1].expand(64, 16) + 1e-4 * torch.randn(64, 16, generator=_gen(22))
+    record = monitor.on_step(_outputs(3, embeddings=collapsed))
+    assert [w.split(" =")[0] for w in monitor.warnings(record)] == ["emb_rankme", "emb_std_normalized"]
+    assert monitor.warnings(monitor.on_step(_outputs(4, embeddings=collapsed))) == []  # still under: quiet
+    assert monitor.warnings(monitor.on_step(_outputs(5, embeddings=z))) == []  # recovered
+    assert len(monitor.warnings(monitor.on_step(_outputs(6, embeddings=collapsed)))) == 2  # a new crossing
+    # RankMe is capped by min(N, D) of the batch: 4 rows with RankMe 3 are not collapsed.
+    small = Collapse.build(_context(cfg))
+    record = small.on_step(_outputs(1, embeddings=torch.randn(4, 16, generator=_gen(23))))
+    assert not any(w.startswith("emb_rankme") for w in small.warnings({**record, "emb_rankme": 3.0}))
+    assert monitor.state_dict() == {}
+
+
+def _clusters(n: int, seed: int, dim: int = 6, classes: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    centres = 3.0 * torch.randn(classes, dim, generator=_gen(100))
+    g = _gen(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return centres[y] + torch.randn(n, dim, generator=g), y
+
+
+def _probe(kind: str, **kw: object) -> OnlineLinear:
+    return OnlineLinear(6, 5, 0.1 if kind == "sgd" else 1e-2, kind, torch.device("cpu"), **kw)  # type: ignore[arg-type]
+
+
+def _probe_state(probe: OnlineLinear) -> list[torch.Tensor]:
+    state = probe.state_dict()
+    tensors = list(state["linear"].values())
+    for per_param in state["optimizer"]["state"].values():
+        tensors += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
+    return [t.clone() for t in tensors]
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_online_linear_learns_and_logs_at_log_steps(kind: str) -> None:
+    probe = _probe(kind)
+    x, y = _clusters(64, seed=1)
+    first = probe.on_step(_outputs(1, features=x, labels=y))
+    assert set(first) == {"online_linear_loss", "online_linear_top1"}
+    for step in range(2, 60):
+        assert probe.on_step(_outputs(step, features=x, labels=y, log_due=False)) == {}
+    last = probe.on_step(_outputs(60, features=x, labels=y))
+    assert last["online_linear_loss"] < 0.5 * first["online_linear_loss"] and last["online_linear_top1"] > 0.9
+
+
+def test_online_linear_is_momentum_sgd_or_adamw_on_the_schedule() -> None:
+    """The updates of torch's reference optimizers at lr = peak * lr_factor, no weight decay (LARS's excluded
+    group is this momentum SGD; the AdamW default takes optim.betas)."""
+    x, y = _clusters(32, seed=2)
+    for kind, reference in (
+        ("sgd", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.8)),
+        ("adamw", lambda p: torch.optim.AdamW(p, lr=1e-2, betas=(0.8, 0.9), weight_decay=0.0)),
+    ):
+        probe = _probe(kind, momentum=0.8, betas=(0.8, 0.9))
+        ref = nn.Linear(6, 5)
+        ref.load_state_dict(probe.linear.state_dict())
+        opt = reference(list(ref.parameters()))
+        for step, factor in enumerate([0.5, 1.0, 0.25], start=1):
+            probe.on_step(_outputs(step, features=x, labels=y, lr_factor=factor, log_due=False))
+            for group in opt.param_groups:
+                group["lr"] = group.setdefault("peak", group["lr"]) * factor
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(ref(x), y).backward()
+            opt.step()
+        torch.testing.assert_close(probe.linear.weight, ref.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(probe.linear.bias, ref.bias, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("bad_step", [0, 2])  # the very first step too: no optimizer state exists before it
+def test_online_linear_skips_a_non_finite_step_exactly(kind: str, bad_step: int) -> None:
+    batches = [_clusters(16, seed=10 + i) for i in range(4)]
+    clean, skipping = _probe(kind), _probe(kind)
+    for i, (x, y) in enumerate(batches):
+        if i == bad_step:
+            before = _probe_state(skipping)
+            bad = x.clone()
+            bad[3, 1] = float("nan")
+            out = skipping.on_step(_outputs(i + 1, features=bad, labels=y))
+            assert math.isnan(out["online_linear_loss"])
+            after = _probe_state(skipping)
+            assert all(torch.equal(a, b) for a, b in zip(after, before))  # weights, then any optimizer state
+            assert all(not t.any() for t in after[len(before) :])  # state made by a skipped first step is blank
+        else:
+            clean.on_step(_outputs(i + 1, features=x, labels=y, log_due=False))
+            skipping.on_step(_outputs(i + 1, features=x, labels=y, log_due=False))
+    assert torch.equal(clean.linear.weight, skipping.linear.weight)  # as if the bad batch had never come
+    assert torch.equal(clean.linear.bias, skipping.linear.bias)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_online_linear_state_dict_resumes_exactly(kind: str, tmp_path: Path) -> None:
+    batches = [_clusters(16, seed=20 + i) for i in range(5)]
+    straight = _probe(kind)
+    for i, (x, y) in enumerate(batches):
+        straight.on_step(_outputs(i + 1, features=x, labels=y, log_due=False))
+    first = _probe(kind)
+    for i, (x, y) in enumerate(batches[:3]):
+        first.on_step(_outputs(i + 1, features=x, labels=y, log_due=False))
+    torch.save({"online_linear": first.state_dict()}, tmp_path / "monitors.pt")
+    resumed = _probe(kind, seed=99)  # another init: everything must come from the checkpoint
+    resumed.load_state_dict(torch.load(tmp_path / "monitors.pt", weights_only=True)["online_linear"])
+    for i, (x, y) in enumerate(batches[3:], start=3):
+        resumed.on_step(_outputs(i + 1, features=x, labels=y, log_due=False))
+    assert torch.equal(resumed.linear.weight, straight.linear.weight)
+    assert torch.equal(resumed.linear.bias, straight.linear.bias)
+
+
+def test_online_linear_sends_nothing_into_the_backbone_and_leaves_the_global_rng() -> None:
+    backbone = nn.Linear(10, 6)
+    images, y = torch.randn(16, 10, generator=_gen(30)), torch.arange(16) % 5
+    features = backbone(images)  # not detached: the probe must cut the graph itself
+    state = torch.random.get_rng_state()
+    probe = _probe("sgd")
+    assert torch.equal(torch.random.get_rng_state(), state)  # its init draws from a generator of its own
+    probe.on_step(_outputs(1, features=features, labels=y))
+    assert all(p.grad is None for p in backbone.parameters())
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_online_linear_rejects_labels_outside_its_classes_at_the_log_step() -> None:
+    probe = _probe("sgd")
+    x, _ = _clusters(8, seed=40)
+    y = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1])  # 5 is outside 5 classes
+    probe.on_step(_outputs(1, features=x, labels=y, log_due=False))  # no host read between log steps
+    with pytest.raises(ValueError, match="outside the online probe's 5 classes"):
+        probe.on_step(_outputs(2, features=x, labels=y))
+
+
+def test_online_linear_without_labels_this_step_does_not_move() -> None:
+    probe = _probe("adamw")
+    before = _probe_state(probe)
+    assert probe.on_step(_outputs(1, features=None, labels=None)) == {}
+    assert all(torch.equal(a, b) for a, b in zip(_probe_state(probe), before))
+
+
+def _linear_dist_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        probe = _probe("adamw")
+        records = []
+        for step in range(1, 4):
+            x, y = _clusters(16, seed=50 + step)
+            rows = slice(8 * rank, 8 * (rank + 1))
+            records.append(probe.on_step(_outputs(step, features=x[rows], labels=y[rows])))
+        torch.save({"weight": probe.linear.weight, "records": records}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_online_linear_on_two_ranks_follows_the_whole_batch(tmp_path: Path) -> None:
+    """Each rank sees half of every batch; the averaged gradient is the whole batch's, as under DDP."""
+    mp.spawn(_linear_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    single = _probe("adamw")
+    for step in range(1, 4):
+        x, y = _clusters(16, seed=50 + step)
+        expected = single.on_step(_outputs(step, features=x, labels=y))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for r in ranks:
+        torch.testing.assert_close(r["weight"], single.linear.weight, rtol=1e-5, atol=1e-6)
+    top1 = [r["records"][-1]["online_linear_top1"] for r in ranks]
+    assert top1[0] == top1[1] == pytest.approx(expected["online_linear_top1"])  # averaged over the ranks
+
+
+def test_online_knn_measures_when_due_and_equals_the_offline_knn(tmp_path: Path) -> None:
+    train_dir, val_dir = tmp_path / "train", tmp_path / "val"
+    train_dir.mkdir()
+    val_dir.mkdir()
+    make_shards(train_dir, [20, 13])
+    make_shards(val_dir, [9], prefix="val")
+    cfg = tiny_config(
+        tmp_path,
+        str(train_dir),
+        **{
+            "eval.online_knn_every": 2,
+            "eval.knn_k": 5,
+            "steps": 5,
+            "eval.train": str(train_dir),
+            "eval.val": str(val_dir),
+            "eval.online_knn_samples": "[30,7]",
+            "eval.batch_size": 16,
+        },
+    )
+    assert OnlineKNN.build(_context(_config(tmp_path))) is None  # off by default
+    torch.manual_seed(0)
+    model = build_method(cfg)
+    model.train()
+    monitor = OnlineKNN.build(_context(cfg, model))
+    assert [monitor.due(s) for s in range(1, 6)] == [False, True, False, True, True]  # every 2, and the last
+    assert monitor.on_step(_outputs(1, log_due=False)) == {}
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    got = monitor.on_step(_outputs(2))
+    assert torch.equal(torch.random.get_rng_state(), rng) and model.training  # trajectory-neutral
+    assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())  # BatchNorm statistics too
+    kw = dict(batch_size=16, workers=0, device=torch.device("cpu"))
+    bank = extract_features(model, ShardCatalog.from_spec(str(train_dir)), eval_transform(cfg), limit=30, **kw)
+    queries = extract_features(model, ShardCatalog.from_spec(str(val_dir)), eval_transform(cfg), limit=7, **kw)
+    offline = knn_accuracy(
+        bank.x,
+        bank.y,
+        queries.x,
+        queries.y,
+        num_classes_of(bank.y, queries.y),
+        k=5,
+        temperature=cfg.eval.knn_temperature,
+    )
+    assert got == pytest.approx({"online_knn_top1": offline["top1"], "online_knn_top5": offline["top5"]}, abs=1e-6)
+    assert OnlineKNN.build(_context(cfg, model, is_main=False)).on_step(_outputs(2)) == {}  # rank 0 scores

@@ -6,24 +6,26 @@ from __future__ import annotations
 import json
 import struct
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
-
 from conftest import make_shards, tiny_config
+from test_train import assert_same_params, final_params
+
 from ssltrain.config import ConfigError, to_yaml
 from ssltrain.data.shards import DataError
 from ssltrain.data.stream import ShardCatalog
-from ssltrain.eval.evaluate import build_models, eval_transform, num_classes_of, resolve_target
-from ssltrain.eval.features import extract_features
-from ssltrain.eval.knn import knn_accuracy
-from ssltrain.eval.plots import plot_probes
-from ssltrain.eval.metrics_log import CollapseWatch, WandbSettings, read_metrics, start_wandb
-from ssltrain.eval.representation import RANKME_WARN, STD_WARN
 from ssltrain.engine.loop import train
-from test_train import assert_same_params, final_params
+from ssltrain.eval.evaluate import build_models, resolve_target
+from ssltrain.eval.features import eval_transform, extract_features
+from ssltrain.eval.knn import knn_accuracy, num_classes_of
+from ssltrain.eval.metrics_log import WandbSettings, read_metrics, start_wandb
+from ssltrain.eval.plots import plot_probes
+from ssltrain.monitors import MonitorContext
+from ssltrain.monitors.collapse import Collapse, CollapseWatch
 
 # One thread: on a busy 2-core machine two threads per run oversubscribe the cores (a 1 s run takes 20 s).
 ONE = {"threads": 1}
@@ -50,8 +52,15 @@ def offline_knn(run: Path, step: int) -> dict[str, float]:
     limits = cfg.eval.online_knn_samples
     bank = extract_features(model, ShardCatalog.from_spec(cfg.eval.train), eval_transform(cfg), limit=limits[0], **kw)
     queries = extract_features(model, ShardCatalog.from_spec(cfg.eval.val), eval_transform(cfg), limit=limits[1], **kw)
-    return knn_accuracy(bank.x, bank.y, queries.x, queries.y, num_classes_of(bank.y, queries.y),
-                        k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
+    return knn_accuracy(
+        bank.x,
+        bank.y,
+        queries.x,
+        queries.y,
+        num_classes_of(bank.y, queries.y),
+        k=cfg.eval.knn_k,
+        temperature=cfg.eval.knn_temperature,
+    )
 
 
 def test_online_knn_equals_offline_knn_of_the_checkpoint(tmp_path: Path, labeled: dict[str, str]) -> None:
@@ -66,12 +75,16 @@ def test_online_knn_equals_offline_knn_of_the_checkpoint(tmp_path: Path, labeled
     assert plot_probes(list(records.values()), tmp_path / "plots").path is not None  # the report draws online_*
 
 
-@pytest.mark.parametrize("backbone", [
-    {"model.backbone": "resnet18"},  # BatchNorm: the extraction must not move the running statistics
-    {"model.backbone": "vit_tiny", "model.patch_size": 8, "model.drop_path": 0.2},  # drop path draws from the RNG
-])
-def test_online_knn_leaves_the_training_trajectory_unchanged(tmp_path: Path, labeled: dict[str, str],
-                                                             backbone: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        {"model.backbone": "resnet18"},  # BatchNorm: the extraction must not move the running statistics
+        {"model.backbone": "vit_tiny", "model.patch_size": 8, "model.drop_path": 0.2},  # drop path draws from the RNG
+    ],
+)
+def test_online_knn_leaves_the_training_trajectory_unchanged(
+    tmp_path: Path, labeled: dict[str, str], backbone: dict[str, Any]
+) -> None:
     base = {**labeled, **KNN, **backbone, "steps": 2, "eval.online_knn_every": 1}
     with_monitor = train(tiny_config(tmp_path / "on", labeled["data.train"], **base))
     without = train(tiny_config(tmp_path / "off", labeled["data.train"], **{**base, "eval.online_knn_every": 0}))
@@ -88,13 +101,19 @@ def test_online_knn_needs_labeled_eval_shards_and_says_which_key(tmp_path: Path,
     with pytest.raises(DataError, match=r"'eval\.train'.*without a \.cls label"):
         train(tiny_config(tmp_path, labeled["data.train"], **{**labeled, **KNN, "eval.train": str(unlabeled)}))
     with pytest.raises(ConfigError, match=r"eval\.knn_k=20 exceeds the online kNN bank of 10"):
-        train(tiny_config(tmp_path, labeled["data.train"], **{**labeled, **KNN, "eval.knn_k": 20,
-                                                                "eval.online_knn_samples": "[10,10]"}))
+        train(
+            tiny_config(
+                tmp_path,
+                labeled["data.train"],
+                **{**labeled, **KNN, "eval.knn_k": 20, "eval.online_knn_samples": "[10,10]"},
+            )
+        )
     assert not (tmp_path / "runs").exists()  # failed before the run directory was made
 
 
-def test_collapse_warnings_fire_once_per_crossing(tmp_path: Path, labeled: dict[str, str],
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_collapse_warnings_fire_once_per_crossing(
+    tmp_path: Path, labeled: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
     watch = CollapseWatch(rankme_min=10.0, std_min=0.1)
     seq = [3.0, 2.0, "nan", 2.5, 30.0, 4.0]
     assert [len(watch.update({"emb_rankme": v})) for v in seq] == [1, 0, 0, 0, 0, 1]  # nan: no reading
@@ -106,8 +125,15 @@ def test_collapse_warnings_fire_once_per_crossing(tmp_path: Path, labeled: dict[
         train(cfg)
     assert caplog.text.count("emb_std_normalized = ") == 1 and "step 1: emb_std_normalized" in caplog.text
     assert "emb_rankme = " not in caplog.text
-    defaults = tiny_config(tmp_path, labeled["data.train"]).eval
-    assert (defaults.collapse_rankme, defaults.collapse_std) == (RANKME_WARN, STD_WARN)  # report and log agree
+    defaults = tiny_config(tmp_path, labeled["data.train"])
+    monitor = Collapse.build(
+        MonitorContext(defaults, torch.device("cpu"), torch.nn.Module(), torch.nn.Module(), True, 0)
+    )
+    # report and log agree: both warn against the config's thresholds, which have one home (config.py)
+    assert (monitor.watch.rankme_min, monitor.watch.std_min) == (
+        defaults.eval.collapse_rankme,
+        defaults.eval.collapse_std,
+    )
 
 
 # ---------------------------------------------------------------- Weights & Biases
@@ -124,11 +150,11 @@ def wandb_records(path: Path) -> Iterator[Any]:
     pos, chunk = 7, b""
     while pos + 7 <= len(data):
         left = 32768 - pos % 32768
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if left < 7 or (kind == 0 and length == 0):  # block trailer / padding
             pos += left
             continue
-        chunk += data[pos + 7:pos + 7 + length]
+        chunk += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL, LAST
             record = pb.Record()
@@ -159,11 +185,16 @@ def fresh_wandb() -> Iterator[Any]:
 
 
 def test_wandb_mirrors_every_record_offline_and_a_resume_continues_the_run(
-        tmp_path: Path, labeled: dict[str, str], monkeypatch: pytest.MonkeyPatch, fresh_wandb: Any) -> None:
+    tmp_path: Path, labeled: dict[str, str], monkeypatch: pytest.MonkeyPatch, fresh_wandb: Any
+) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = tiny_config(tmp_path, labeled["data.train"], steps=3, **{**labeled, **KNN, "log.wandb": True,
-                                                                   "log.wandb_project": "ssltrain-test"})
+    cfg = tiny_config(
+        tmp_path,
+        labeled["data.train"],
+        steps=3,
+        **{**labeled, **KNN, "log.wandb": True, "log.wandb_project": "ssltrain-test"},
+    )
     run = train(cfg)
     (first,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
     wb_run, history = wandb_history(first)
@@ -185,7 +216,8 @@ def test_wandb_mirrors_every_record_offline_and_a_resume_continues_the_run(
 
 
 def test_wandb_without_credentials_records_offline_instead_of_failing(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fresh_wandb: Any) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fresh_wandb: Any
+) -> None:
     for var in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc: no credentials
@@ -202,8 +234,9 @@ def test_wandb_without_credentials_records_offline_instead_of_failing(
     assert wandb_history(log_file)[1][0]["loss"] == 0.5
 
 
-def test_wandb_asked_for_but_not_installed_is_an_error_at_start(tmp_path: Path, labeled: dict[str, str],
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_asked_for_but_not_installed_is_an_error_at_start(
+    tmp_path: Path, labeled: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError, as when not installed
     with pytest.raises(ConfigError, match=r"pip install wandb"):
         train(tiny_config(tmp_path, labeled["data.train"], **{**ONE, "log.wandb": True}))
@@ -225,15 +258,24 @@ def vit_knn(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     val_dir.mkdir()
     make_shards(train_dir, [30, 30])
     make_shards(val_dir, [11], prefix="val")  # odd: the ranks extract uneven shares
-    overrides = {**VIT, **KNN, "eval.online_knn_every": 1, "steps": 2, "eval.train": str(train_dir),
-                 "eval.val": str(val_dir)}
+    overrides = {
+        **VIT,
+        **KNN,
+        "eval.online_knn_every": 1,
+        "steps": 2,
+        "eval.train": str(train_dir),
+        "eval.val": str(val_dir),
+    }
     run = train(tiny_config(tmp / "single", str(train_dir), **overrides))
     return {"data": str(train_dir), "overrides": overrides, "single": knn_records(run)}
 
 
 def knn_records(run: Path) -> list[tuple[int, float, float]]:
-    return [(r["step"], r["online_knn_top1"], r["online_knn_top5"]) for r in read_metrics(run / "metrics.jsonl")
-            if "online_knn_top1" in r]
+    return [
+        (r["step"], r["online_knn_top1"], r["online_knn_top5"])
+        for r in read_metrics(run / "metrics.jsonl")
+        if "online_knn_top1" in r
+    ]
 
 
 @pytest.mark.distributed

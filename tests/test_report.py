@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from conftest import make_shards, tiny_config
 from PIL import Image
 
-from conftest import make_shards, tiny_config
+from ssltrain.engine.loop import train
 from ssltrain.eval.cli import add_report_parser
 from ssltrain.eval.evaluate import EvalOptions, evaluate_run
-from ssltrain.eval.plots import plot_all
-from ssltrain.eval.report import hardware_info, write_report
+from ssltrain.eval.hardware import hardware_info, write_hardware
 from ssltrain.eval.metrics_log import MetricsLog
-from ssltrain.engine.loop import train
+from ssltrain.eval.plots import plot_all
+from ssltrain.eval.report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -41,9 +45,12 @@ def short_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data.mkdir()
     make_shards(data, [24, 24], prefix="train")
     make_shards(data, [20], prefix="val")
-    cfg = tiny_config(tmp, str(data / "train-*.tar"), steps=4,
-                      **{"eval.train": str(data / "train-*.tar"), "eval.val": str(data / "val-*.tar"),
-                         "eval.linear_epochs": 3})
+    cfg = tiny_config(
+        tmp,
+        str(data / "train-*.tar"),
+        steps=4,
+        **{"eval.train": str(data / "train-*.tar"), "eval.val": str(data / "val-*.tar"), "eval.linear_epochs": 3},
+    )
     return train(cfg)
 
 
@@ -88,6 +95,21 @@ def test_report_cli_and_errors(short_run: Path, tmp_path: Path, capsys: pytest.C
         write_report(tmp_path)
 
 
+def test_write_hardware_records_the_machine_for_the_report(tmp_path: Path) -> None:
+    path = write_hardware(tmp_path)
+    assert path == tmp_path / "hardware.json" and [p.name for p in tmp_path.iterdir()] == ["hardware.json"]
+    info = json.loads(path.read_text())
+    assert info["torch"] == torch.__version__ and info["cuda"] == torch.version.cuda
+    assert info["cpu"] and info["cpu_count"] == os.cpu_count()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert info["gpu_count"] == gpus and len(info.get("gpus", [])) == gpus
+    dali = [
+        d.version for d in importlib.metadata.distributions() if (d.metadata["Name"] or "").startswith("nvidia-dali")
+    ]
+    assert info["dali"] == (dali[0] if dali else None)
+    assert write_hardware(tmp_path) == path  # a resumed run rewrites it in place
+
+
 def test_png_check_rejects_blank_and_non_png(tmp_path: Path) -> None:
     blank = tmp_path / "blank.png"
     Image.new("RGB", (640, 480), "white").save(blank)
@@ -104,8 +126,17 @@ def test_plots_skip_with_notes_when_there_is_nothing_to_draw(tmp_path: Path) -> 
     assert [p.path for p in plots] == [None] * 6
     assert all(p.note for p in plots) and not list(tmp_path.glob("*.png"))
     # A collapsing run: the monitors plot draws the thresholds; the warning reaches the report's data.
-    records = [{"step": s, "loss": 1.0 / s, "lr": 0.1, "img_per_s": 100.0 + s, "emb_rankme": 50.0 / s,
-                "emb_std_normalized": "nan" if s == 3 else 1.0 / s} for s in range(1, 11)]
+    records = [
+        {
+            "step": s,
+            "loss": 1.0 / s,
+            "lr": 0.1,
+            "img_per_s": 100.0 + s,
+            "emb_rankme": 50.0 / s,
+            "emb_std_normalized": "nan" if s == 3 else 1.0 / s,
+        }
+        for s in range(1, 11)
+    ]
     plots = {p.name: p for p in plot_all(records, None, tmp_path, {"emb_rankme": 10.0, "emb_std_normalized": 0.1})}
     for name in ("loss", "lr", "throughput", "monitors"):
         assert_real_png(plots[name].path)

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,8 +28,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ssltrain")
 
-__all__ = ["add_eval_arguments", "add_eval_parser", "add_report_arguments", "add_report_parser", "cmd_eval",
-           "cmd_report", "options_from_args"]
+__all__ = [
+    "add_eval_arguments",
+    "add_eval_parser",
+    "add_report_arguments",
+    "add_report_parser",
+    "cmd_eval",
+    "cmd_report",
+    "options_from_args",
+]
 
 
 def _list(kind: type, what: str) -> Callable[[str], list]:
@@ -38,10 +46,15 @@ def _list(kind: type, what: str) -> Callable[[str], list]:
         try:
             values = [kind(v) for v in text.split(",") if v.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{what}: expected comma-separated {kind.__name__}s, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"{what}: expected comma-separated {kind.__name__}s, got {text!r}"
+            ) from None
         if not values or any(v <= 0 for v in values if kind is int):
-            raise argparse.ArgumentTypeError(f"{what}: expected positive comma-separated {kind.__name__}s, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"{what}: expected positive comma-separated {kind.__name__}s, got {text!r}"
+            )
         return values
+
     return parse
 
 
@@ -51,12 +64,20 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help="with a run directory: this checkpoint instead of the latest")
     parser.add_argument("--probe", choices=["all", "knn", "linear"], default="all", help="which probes (default all)")
     parser.add_argument("--data", metavar="DIR", help="shard directory holding train-*.tar and val-*.tar")
-    parser.add_argument("--train-data", metavar="SHARDS", help="labeled shards for the kNN bank / linear-probe training")
+    parser.add_argument(
+        "--train-data", metavar="SHARDS", help="labeled shards for the kNN bank / linear-probe training"
+    )
     parser.add_argument("--val-data", metavar="SHARDS", help="labeled held-out shards the probes are scored on")
-    parser.add_argument("--knn-k", type=_list(int, "--knn-k"), metavar="K,K,...", help="default 10,20,100 (+ eval.knn_k)")
+    parser.add_argument(
+        "--knn-k", type=_list(int, "--knn-k"), metavar="K,K,...", help="default 10,20,100 (+ eval.knn_k)"
+    )
     parser.add_argument("--knn-temperature", type=float, help="default eval.knn_temperature")
-    parser.add_argument("--linear-lr", type=_list(float, "--linear-lr"), metavar="LR,...", help="sweep, default 0.01,0.1,1")
-    parser.add_argument("--linear-wd", type=_list(float, "--linear-wd"), metavar="WD,...", help="sweep, default 1e-5,1e-3")
+    parser.add_argument(
+        "--linear-lr", type=_list(float, "--linear-lr"), metavar="LR,...", help="sweep, default 0.01,0.1,1"
+    )
+    parser.add_argument(
+        "--linear-wd", type=_list(float, "--linear-wd"), metavar="WD,...", help="sweep, default 1e-5,1e-3"
+    )
     parser.add_argument("--linear-epochs", type=int, help="default eval.linear_epochs")
     parser.add_argument("--batch-size", type=int, help="extraction batch per rank (default eval.batch_size)")
     parser.add_argument("--workers", type=int, help="data loader workers (default data.workers)")
@@ -68,7 +89,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-report", action="store_true", help="do not regenerate report.md afterwards")
 
 
-def options_from_args(args: argparse.Namespace) -> "EvalOptions":
+def options_from_args(args: argparse.Namespace) -> EvalOptions:
     """EvalOptions from parsed ``ssltrain eval`` arguments."""
     from ssltrain.eval.evaluate import PROBES, EvalOptions
 
@@ -77,11 +98,21 @@ def options_from_args(args: argparse.Namespace) -> "EvalOptions":
         train = train or str(Path(args.data) / "train-*.tar")
         val = val or str(Path(args.data) / "val-*.tar")
     return EvalOptions(
-        probes=PROBES if args.probe == "all" else (args.probe,), train_data=train, val_data=val,
-        knn_ks=args.knn_k, knn_temperature=args.knn_temperature, linear_lrs=args.linear_lr,
-        linear_weight_decays=args.linear_wd, linear_epochs=args.linear_epochs, batch_size=args.batch_size,
-        workers=args.workers, device=args.device, cache=not args.no_cache, random_baseline=not args.no_random,
-        spectrum_rows=args.spectrum_rows, out_dir=Path(args.out) if args.out else None,
+        probes=PROBES if args.probe == "all" else (args.probe,),
+        train_data=train,
+        val_data=val,
+        knn_ks=args.knn_k,
+        knn_temperature=args.knn_temperature,
+        linear_lrs=args.linear_lr,
+        linear_weight_decays=args.linear_wd,
+        linear_epochs=args.linear_epochs,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        cache=not args.no_cache,
+        random_baseline=not args.no_random,
+        spectrum_rows=args.spectrum_rows,
+        out_dir=Path(args.out) if args.out else None,
     )
 
 
@@ -131,8 +162,9 @@ EVAL_DESCRIPTION = (
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = sub.add_parser("eval", help="kNN and linear probes of a checkpoint vs. a random-init backbone",
-                            description=EVAL_DESCRIPTION)
+    parser = sub.add_parser(
+        "eval", help="kNN and linear probes of a checkpoint vs. a random-init backbone", description=EVAL_DESCRIPTION
+    )
     add_eval_arguments(parser)
     parser.set_defaults(func=cmd_eval)
     return parser
@@ -141,9 +173,15 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``ssltrain report`` arguments."""
     parser.add_argument("run_dir", help="runs/<name>")
-    parser.add_argument("--spectrum-images", type=int, default=1024,
-                        help="samples for the spectrum when spectrum.json is missing or stale (default 1024)")
-    parser.add_argument("--no-spectrum", action="store_true", help="never compute the spectrum (use spectrum.json as is)")
+    parser.add_argument(
+        "--spectrum-images",
+        type=int,
+        default=1024,
+        help="samples for the spectrum when spectrum.json is missing or stale (default 1024)",
+    )
+    parser.add_argument(
+        "--no-spectrum", action="store_true", help="never compute the spectrum (use spectrum.json as is)"
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -16,25 +16,27 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from ssltrain.config import Config, from_yaml_text
 from ssltrain.core.checkpoint_layout import CheckpointError, latest_checkpoint
 from ssltrain.core.checkpoints import load_checkpoint
-from ssltrain.config import Config, from_yaml_text
-from ssltrain.data.augment import EvalTransform
+from ssltrain.core.collectives import rank as this_rank
+from ssltrain.core.device import resolve_device
 from ssltrain.data.shards import DataError
 from ssltrain.data.stream import ShardCatalog
-from ssltrain.eval.features import FeatureSet, extract_features, model_fingerprint, resolve_device
-from ssltrain.eval.knn import knn_sweep
+from ssltrain.eval.features import FeatureSet, eval_transform, extract_features, model_fingerprint
+from ssltrain.eval.knn import knn_sweep, num_classes_of
 from ssltrain.eval.linear import linear_probe_sweep
-from ssltrain.methods import Method, build_method
 from ssltrain.eval.metrics_log import MetricsLog
-from ssltrain.eval.representation import RANKME_WARN, STD_WARN, collapse_warnings, embedding_monitors, spectrum
+from ssltrain.eval.representation import collapse_warnings, embedding_monitors, spectrum
+from ssltrain.methods import Method, build_method
 
 log = logging.getLogger("ssltrain")
 
@@ -92,7 +94,9 @@ def _config(state: dict[str, Any], source: Path, run_cfg: Config | None) -> Conf
     a user may have edited since, e.g. to add eval.train / eval.val)."""
     cfg = from_yaml_text(state["config"], str(source)) if "config" in state else run_cfg
     if cfg is None:
-        raise CheckpointError(f"checkpoint '{source}' holds no config and sits in no run directory; it cannot be rebuilt")
+        raise CheckpointError(
+            f"checkpoint '{source}' holds no config and sits in no run directory; it cannot be rebuilt"
+        )
     if run_cfg is not None:
         cfg.eval = run_cfg.eval
     return cfg
@@ -115,13 +119,17 @@ def resolve_target(path: Path, checkpoint: Path | None = None, out_dir: Path | N
     if checkpoint is not None:
         raise FileNotFoundError(f"'{path}' is not a run directory (no config.yaml); --checkpoint needs runs/<name>")
     if not path.exists():
-        raise FileNotFoundError(f"'{path}' does not exist; pass a run directory (runs/<name>) or a checkpoint directory")
+        raise FileNotFoundError(
+            f"'{path}' does not exist; pass a run directory (runs/<name>) or a checkpoint directory"
+        )
     try:
         state = load_checkpoint(path)
     except CheckpointError as err:
         if re.match(r"^step-\d+$", path.name):  # it is a checkpoint, a broken one: say so
             raise
-        raise FileNotFoundError(f"'{path}' is not a run directory (no config.yaml) nor a loadable checkpoint ({err})") from None
+        raise FileNotFoundError(
+            f"'{path}' is not a run directory (no config.yaml) nor a loadable checkpoint ({err})"
+        ) from None
     if "model" not in state or "step" not in state:
         raise CheckpointError(f"checkpoint '{path}' holds no model or step; it cannot be evaluated")
     run = path.parent.parent
@@ -152,33 +160,61 @@ def embedding_head(model: nn.Module) -> nn.Module | None:
 # ---------------------------------------------------------------- probes on feature tensors (reusable online)
 
 
-def num_classes_of(*labels: Tensor) -> int:
-    return int(max(int(y.max()) for y in labels)) + 1
+def _labels(features: FeatureSet) -> torch.Tensor:
+    if features.y is None:
+        raise DataError("probes need labeled data (.cls) in both the train and val shards")
+    return features.y
 
 
-def knn_probe(train: FeatureSet, val: FeatureSet, ks: Sequence[int], temperature: float, device: torch.device,
-              num_classes: int) -> dict[str, dict[str, float]]:
+def knn_probe(
+    train: FeatureSet, val: FeatureSet, ks: Sequence[int], temperature: float, device: torch.device, num_classes: int
+) -> dict[str, dict[str, float]]:
     """{"<k>": {"top1", "top5"}} for every k the bank can serve; larger k are skipped with a warning."""
     usable = sorted({k for k in ks if k <= len(train)})
     for k in sorted(set(ks) - set(usable)):
         log.warning("kNN with k=%d skipped: the bank (the train features) holds only %d samples", k, len(train))
     if not usable:
         return {}
-    res = knn_sweep(train.x.to(device), train.y.to(device), val.x.to(device), val.y.to(device), num_classes,
-                    ks=usable, temperature=temperature)
+    res = knn_sweep(
+        train.x.to(device),
+        _labels(train).to(device),
+        val.x.to(device),
+        _labels(val).to(device),
+        num_classes,
+        ks=usable,
+        temperature=temperature,
+    )
     return {str(k): v for k, v in res.items()}
 
 
-def linear_probe_features(train: FeatureSet, val: FeatureSet, lrs: Sequence[float], weight_decays: Sequence[float],
-                          epochs: int, seed: int, device: torch.device, num_classes: int) -> dict[str, Any]:
+def linear_probe_features(
+    train: FeatureSet,
+    val: FeatureSet,
+    lrs: Sequence[float],
+    weight_decays: Sequence[float],
+    epochs: int,
+    seed: int,
+    device: torch.device,
+    num_classes: int,
+) -> dict[str, Any]:
     """The linear-probe sweep on cached features: {"top1", "top5", "train_top1", "lr", "weight_decay",
     "holdout_top1", "grid"}."""
-    return linear_probe_sweep(train.x.to(device), train.y.to(device), val.x.to(device), val.y.to(device), num_classes,
-                              lrs=tuple(lrs), weight_decays=tuple(weight_decays), epochs=epochs, seed=seed)
+    return linear_probe_sweep(
+        train.x.to(device),
+        _labels(train).to(device),
+        val.x.to(device),
+        _labels(val).to(device),
+        num_classes,
+        lrs=tuple(lrs),
+        weight_decays=tuple(weight_decays),
+        epochs=epochs,
+        seed=seed,
+    )
 
 
-def run_probes(train: FeatureSet, val: FeatureSet, probes: Sequence[str], cfg: Config, opts: EvalOptions,
-               device: torch.device) -> dict[str, Any]:
+def run_probes(
+    train: FeatureSet, val: FeatureSet, probes: Sequence[str], cfg: Config, opts: EvalOptions, device: torch.device
+) -> dict[str, Any]:
     """Probe results for one backbone; flat ``knn_top1`` / ``linear_top1`` (k = ``eval.knn_k``) kept for tables."""
     if train.y is None or val.y is None:
         raise DataError("probes need labeled data (.cls) in both the train and val shards")
@@ -192,13 +228,20 @@ def run_probes(train: FeatureSet, val: FeatureSet, probes: Sequence[str], cfg: C
         knn = knn_probe(train, val, ks, temperature, device, num_classes)
         if knn:
             primary = str(cfg.eval.knn_k) if str(cfg.eval.knn_k) in knn else max(knn, key=int)
-            out.update(knn=knn, knn_k=int(primary), knn_temperature=temperature,
-                       knn_top1=knn[primary]["top1"], knn_top5=knn[primary]["top5"])
+            out.update(
+                knn=knn,
+                knn_k=int(primary),
+                knn_temperature=temperature,
+                knn_top1=knn[primary]["top1"],
+                knn_top5=knn[primary]["top5"],
+            )
         out["knn_seconds"] = time.perf_counter() - start
     if "linear" in probes:
         start = time.perf_counter()
         lrs = opts.linear_lrs or getattr(cfg.eval, "linear_lrs", None) or DEFAULT_LINEAR_LRS
-        wds = opts.linear_weight_decays or getattr(cfg.eval, "linear_weight_decays", None) or DEFAULT_LINEAR_WEIGHT_DECAYS
+        wds = (
+            opts.linear_weight_decays or getattr(cfg.eval, "linear_weight_decays", None) or DEFAULT_LINEAR_WEIGHT_DECAYS
+        )
         epochs = opts.linear_epochs or cfg.eval.linear_epochs
         linear = linear_probe_features(train, val, lrs, wds, epochs, cfg.seed, device, num_classes)
         out.update(linear=linear, linear_top1=linear["top1"], linear_top5=linear["top5"])
@@ -210,7 +253,9 @@ def run_probes(train: FeatureSet, val: FeatureSet, probes: Sequence[str], cfg: C
 
 
 @torch.no_grad()
-def representation_stats(model: Method, feats: FeatureSet, rows: int, device: torch.device) -> tuple[dict[str, float], dict[str, list[float]]]:
+def representation_stats(
+    model: Method, feats: FeatureSet, rows: int, device: torch.device
+) -> tuple[dict[str, float], dict[str, list[float]]]:
     """(monitors, spectra) of up to ``rows`` evenly spaced val rows: ``feat_*`` for backbone features, ``emb_*`` for
     the projector's embeddings (methods with a projector)."""
     n = len(feats)
@@ -248,10 +293,6 @@ def _catalogs(target: EvalTarget, opts: EvalOptions) -> tuple[ShardCatalog, Shar
     return ShardCatalog.from_spec(train_spec, "eval train data"), ShardCatalog.from_spec(val_spec, "eval val data")
 
 
-def eval_transform(cfg: Config) -> EvalTransform:
-    return EvalTransform(cfg.augment.global_crops.size, cfg.augment.mean, cfg.augment.std)
-
-
 def evaluate_target(target: EvalTarget, opts: EvalOptions | None = None, log_metrics: bool = True) -> dict[str, Any]:
     """Probe (and measure) the target's network and the random-init one; returns {"ssl": ..., "random": ...}.
 
@@ -269,10 +310,14 @@ def evaluate_target(target: EvalTarget, opts: EvalOptions | None = None, log_met
     trained, random_init = build_models(target, opts.random_baseline)
     transform = eval_transform(cfg)
     cache_dir = target.out_dir / "features" if opts.cache else None
-    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-    kw = dict(batch_size=opts.batch_size or cfg.eval.batch_size,
-              workers=cfg.data.workers if opts.workers is None else opts.workers,
-              device=device, cache_dir=cache_dir, precision=cfg.precision)
+    rank = this_rank()
+    kw: dict[str, Any] = dict(
+        batch_size=opts.batch_size or cfg.eval.batch_size,
+        workers=cfg.data.workers if opts.workers is None else opts.workers,
+        device=device,
+        cache_dir=cache_dir,
+        precision=cfg.precision,
+    )
 
     results: dict[str, Any] = {}
     monitors: dict[str, dict[str, float]] = {}
@@ -287,15 +332,16 @@ def evaluate_target(target: EvalTarget, opts: EvalOptions | None = None, log_met
         val_fs = extract_features(model, val_set, transform, tag=tag, split="val", fingerprint=fingerprint, **kw)
         if rank == 0:
             res = run_probes(train_fs, val_fs, opts.probes, cfg, opts, device) if opts.probes else {}
-            res.update(extract_seconds=train_fs.seconds + val_fs.seconds, features_cached=train_fs.cached and val_fs.cached)
+            res.update(
+                extract_seconds=train_fs.seconds + val_fs.seconds, features_cached=train_fs.cached and val_fs.cached
+            )
             results[name] = res
             monitors[name], spectra[name] = representation_stats(model, val_fs, opts.spectrum_rows, device)
         model.cpu()
     if rank != 0:
         return {}
 
-    rankme_min = float(getattr(cfg.eval, "collapse_rankme", RANKME_WARN))
-    std_min = float(getattr(cfg.eval, "collapse_std", STD_WARN))
+    rankme_min, std_min = cfg.eval.collapse_rankme, cfg.eval.collapse_std
     warnings = []
     for prefix, kind in (("feat", "features"), ("emb", "embeddings")):
         if kind in spectra["ssl"]:  # its length is the batch's rank bound min(N - 1, D)
@@ -304,12 +350,20 @@ def evaluate_target(target: EvalTarget, opts: EvalOptions | None = None, log_met
         log.warning("step %d: %s", target.step, w)
     out = target.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"step": target.step, "checkpoint": str(target.checkpoint), "train_data": train_set.spec,
-               "val_data": val_set.spec, "probes": list(opts.probes), **results, "monitors": monitors,
-               "warnings": warnings}
+    summary = {
+        "step": target.step,
+        "checkpoint": str(target.checkpoint),
+        "train_data": train_set.spec,
+        "val_data": val_set.spec,
+        "probes": list(opts.probes),
+        **results,
+        "monitors": monitors,
+        "warnings": warnings,
+    }
     (out / "eval.json").write_text(json.dumps(summary, indent=2))
-    (out / "spectrum.json").write_text(json.dumps(
-        {"step": target.step, "checkpoint": str(target.checkpoint), "data": val_set.spec, **spectra}))
+    (out / "spectrum.json").write_text(
+        json.dumps({"step": target.step, "checkpoint": str(target.checkpoint), "data": val_set.spec, **spectra})
+    )
     if log_metrics:
         metrics = MetricsLog(out, tensorboard=False)
         for record in metric_records(target.step, results, monitors):
@@ -325,21 +379,35 @@ def metric_records(step: int, results: dict[str, Any], monitors: dict[str, dict[
             records.append({"step": step, "eval": "knn", "backbone": backbone, "k": int(k), **acc})
         if "linear" in res:
             lin = res["linear"]
-            records.append({"step": step, "eval": "linear", "backbone": backbone, "top1": lin["top1"],
-                            "top5": lin["top5"], "lr": lin["lr"], "weight_decay": lin["weight_decay"]})
+            records.append(
+                {
+                    "step": step,
+                    "eval": "linear",
+                    "backbone": backbone,
+                    "top1": lin["top1"],
+                    "top5": lin["top5"],
+                    "lr": lin["lr"],
+                    "weight_decay": lin["weight_decay"],
+                }
+            )
         if backbone in monitors:
             records.append({"step": step, "eval": "rankme", "backbone": backbone, **monitors[backbone]})
     return records
 
 
-def evaluate_run(run_dir: Path, checkpoint: Path | None = None, log_metrics: bool = True,
-                 options: EvalOptions | None = None) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: Path, checkpoint: Path | None = None, log_metrics: bool = True, options: EvalOptions | None = None
+) -> dict[str, Any]:
     """Probe the run's latest (or the given) checkpoint and a random-init backbone; returns {"ssl": ..., "random": ...}.
 
     ``run_dir`` may also be a checkpoint directory (see :func:`resolve_target`).
     """
     opts = options or EvalOptions()
     return evaluate_target(resolve_target(Path(run_dir), checkpoint, opts.out_dir), opts, log_metrics)
+
+
+def _knn_top1(k: str) -> Callable[[dict[str, Any]], float | None]:
+    return lambda r: r.get("knn", {}).get(k, {}).get("top1")
 
 
 def format_table(results: dict[str, Any], step: int | None = None) -> str:
@@ -358,12 +426,14 @@ def format_table(results: dict[str, Any], step: int | None = None) -> str:
 
     ssl = results.get("ssl", {})
     for k in sorted(ssl.get("knn", {}), key=int):
-        row(f"kNN top-1 (k={k})", lambda r, k=k: r.get("knn", {}).get(k, {}).get("top1"))
+        row(f"kNN top-1 (k={k})", _knn_top1(k))
     if "knn_k" in ssl:
         row(f"kNN top-5 (k={ssl['knn_k']})", lambda r: r.get("knn_top5"))
     row("linear top-1", lambda r: r.get("linear_top1"))
     row("linear top-5", lambda r: r.get("linear_top5"))
     if "linear" in ssl:
-        rows.append(f"(linear: lr {ssl['linear']['lr']:g}, weight decay {ssl['linear']['weight_decay']:g}, "
-                    "chosen on a held-out fifth of train)")
+        rows.append(
+            f"(linear: lr {ssl['linear']['lr']:g}, weight decay {ssl['linear']['weight_decay']:g}, "
+            "chosen on a held-out fifth of train)"
+        )
     return "\n".join(rows)

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ssltrain.core.checkpoints import load_checkpoint
 from ssltrain.config import Config, from_yaml_text
+from ssltrain.core.checkpoints import load_checkpoint
 
 log = logging.getLogger("ssltrain")
 
@@ -25,28 +25,46 @@ def model_card(cfg: Config, step: int, feature_dim: int) -> dict[str, Any]:
     """How to rebuild the stock model the exported weights load into (strict=True)."""
     name = cfg.model.backbone
     if name.startswith("resnet"):
-        code = [f"import torch, torchvision", f"model = torchvision.models.{name}()", "model.fc = torch.nn.Identity()"]
+        code = ["import torch, torchvision", f"model = torchvision.models.{name}()", "model.fc = torch.nn.Identity()"]
         if cfg.model.small_stem:
             code += ["model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)", "model.maxpool = torch.nn.Identity()"]
         library = "torchvision"
     else:
-        timm_name = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
-                     "vit_base": "vit_base_patch16_224"}[name]
+        timm_name = {
+            "vit_tiny": "vit_tiny_patch16_224",
+            "vit_small": "vit_small_patch16_224",
+            "vit_base": "vit_base_patch16_224",
+        }[name]
         size = cfg.augment.global_crops.size
-        code = ["import timm", f"model = timm.create_model('{timm_name}', pretrained=False, num_classes=0, "
-                f"img_size={size}, patch_size={cfg.model.patch_size}, dynamic_img_size=True)"]
+        code = [
+            "import timm",
+            f"model = timm.create_model('{timm_name}', pretrained=False, num_classes=0, "
+            f"img_size={size}, patch_size={cfg.model.patch_size}, dynamic_img_size=True)",
+        ]
         library = "timm"
-    code.append("model.load_state_dict(safetensors.torch.load_file('backbone.safetensors'))  # or torch.load("
-                "'backbone.pt', weights_only=True)")
-    return {"architecture": name, "library": library, "step": step, "feature_dim": feature_dim,
-            "method": cfg.method.name, "normalize_mean": cfg.augment.mean, "normalize_std": cfg.augment.std,
-            "load": "\n".join(code)}
+    code.append(
+        "model.load_state_dict(safetensors.torch.load_file('backbone.safetensors'))  # or torch.load("
+        "'backbone.pt', weights_only=True)"
+    )
+    return {
+        "architecture": name,
+        "library": library,
+        "step": step,
+        "feature_dim": feature_dim,
+        "method": cfg.method.name,
+        "normalize_mean": cfg.augment.mean,
+        "normalize_std": cfg.augment.std,
+        "load": "\n".join(code),
+    }
 
 
 def backbone_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The student backbone's tensors with the ``backbone.`` prefix removed (teachers and heads are dropped)."""
-    out = {k.removeprefix("backbone."): v.detach().contiguous().clone() for k, v in model_state.items()
-           if k.startswith("backbone.")}
+    out = {
+        k.removeprefix("backbone."): v.detach().contiguous().clone()
+        for k, v in model_state.items()
+        if k.startswith("backbone.")
+    }
     if not out:
         raise ValueError("the checkpoint's model has no 'backbone.' parameters; is it an ssltrain checkpoint?")
     return out
@@ -62,8 +80,9 @@ def export_backbone(source: Path, out_dir: Path, formats: tuple[str, ...] = FORM
     from ssltrain.models.backbones import build_backbone
 
     m = cfg.model
-    reference, feature_dim = build_backbone(m.backbone, small_stem=m.small_stem, patch_size=m.patch_size,
-                                            image_size=cfg.augment.global_crops.size)
+    reference, feature_dim = build_backbone(
+        m.backbone, small_stem=m.small_stem, patch_size=m.patch_size, image_size=cfg.augment.global_crops.size
+    )
     reference.load_state_dict(weights)  # strict: every tensor the architecture needs, nothing else
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -78,5 +97,7 @@ def export_backbone(source: Path, out_dir: Path, formats: tuple[str, ...] = FORM
     card = out_dir / "backbone.json"
     card.write_text(json.dumps(model_card(cfg, int(state["step"]), feature_dim), indent=1))
     written.append(card)
-    log.info("exported the %s backbone of %s (step %d) to %s", cfg.model.backbone, state["path"], state["step"], out_dir)
+    log.info(
+        "exported the %s backbone of %s (step %d) to %s", cfg.model.backbone, state["path"], state["step"], out_dir
+    )
     return written

@@ -22,21 +22,32 @@ collective another skipped; rank 0 writes the file.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
+from ssltrain.config import Config
+from ssltrain.core.collectives import (
+    agree,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    gather_no_grad,
+    rank,
+    world_size,
+)
+from ssltrain.core.device import autocast_for, resolve_device
 from ssltrain.data.augment import EvalTransform
 from ssltrain.data.loaders.cpu import EvalShards, make_loader
 from ssltrain.data.shards import DataError
@@ -44,7 +55,7 @@ from ssltrain.data.stream import ShardCatalog
 
 log = logging.getLogger("ssltrain")
 
-__all__ = ["FeatureSet", "extract_features", "feature_cache_key", "model_fingerprint", "resolve_device"]
+__all__ = ["FeatureSet", "eval_transform", "extract_features", "feature_cache_key", "model_fingerprint", "subset_ids"]
 
 
 @dataclass
@@ -63,21 +74,9 @@ class FeatureSet:
         return int(self.x.shape[0])
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``: this rank's GPU when CUDA is visible, else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name} was asked for but no CUDA device is visible; use cpu or auto")
-    return torch.device(name)
-
-
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def eval_transform(cfg: Config) -> EvalTransform:
+    """The unaugmented transform every probe uses: the run's global-crop size and normalisation."""
+    return EvalTransform(cfg.augment.global_crops.size, cfg.augment.mean, cfg.augment.std)
 
 
 def model_fingerprint(module: nn.Module) -> str:
@@ -94,7 +93,12 @@ def model_fingerprint(module: nn.Module) -> str:
 
 
 def transform_signature(transform: EvalTransform) -> dict[str, Any]:
-    return {"size": transform.size, "resize": transform.resize, "mean": list(transform.mean), "std": list(transform.std)}
+    return {
+        "size": transform.size,
+        "resize": transform.resize,
+        "mean": list(transform.mean),
+        "std": list(transform.std),
+    }
 
 
 def data_signature(catalog: ShardCatalog) -> dict[str, Any]:
@@ -105,10 +109,20 @@ def data_signature(catalog: ShardCatalog) -> dict[str, Any]:
     return {"spec": catalog.spec, "samples": len(catalog), "shards": shards}
 
 
-def feature_cache_key(catalog: ShardCatalog, transform: EvalTransform, fingerprint: str, limit: int | None = None) -> str:
+def feature_cache_key(
+    catalog: ShardCatalog, transform: EvalTransform, fingerprint: str, limit: int | None = None
+) -> str:
     """16 hex digits of SHA-256 over data, transform, network fingerprint and subset size."""
-    blob = json.dumps({"data": data_signature(catalog), "transform": transform_signature(transform),
-                       "model": fingerprint, "limit": limit, "version": 1}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "data": data_signature(catalog),
+            "transform": transform_signature(transform),
+            "model": fingerprint,
+            "limit": limit,
+            "version": 1,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -138,41 +152,30 @@ def _save_cached(path: Path, fs: FeatureSet, meta: dict[str, Any]) -> None:
 
 
 def _comm_device(device: torch.device) -> torch.device:
-    return device if "nccl" in str(dist.get_backend()) else torch.device("cpu")  # "cpu:gloo,cuda:nccl" on GPUs
-
-
-def _all_min(flag: int, device: torch.device) -> int:
-    t = torch.tensor([flag], dtype=torch.long, device=_comm_device(device))
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
+    """Where a tensor must be for a collective: the GPU under NCCL ("cpu:gloo,cuda:nccl" on GPUs), else the CPU."""
+    return device if "nccl" in str(dist.get_backend()) else torch.device("cpu")
 
 
 def _gather_rows(x: Tensor, device: torch.device) -> Tensor:
-    """All ranks' [n_r, ...] tensors concatenated in rank order (n_r may differ, 0 included)."""
-    comm = _comm_device(device)
-    x = x.to(comm)
-    count = torch.tensor([x.shape[0]], dtype=torch.long, device=comm)
-    counts = [torch.empty_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
-    sizes = [int(c) for c in counts]
-    padded = torch.cat([x, x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))]) if x.shape[0] < max(sizes) else x
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).cpu()
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """All ranks' [n_r, ...] tensors concatenated in rank order (n_r may differ, 0 included), on the CPU."""
+    return gather_no_grad(x.to(_comm_device(device))).cpu()
 
 
 @torch.inference_mode()
-def _extract(encode: Callable[[Tensor], Tensor], catalog: ShardCatalog, ids: list[int], transform: EvalTransform,
-             batch_size: int, workers: int, device: torch.device, precision: str,
-             channels_last: bool) -> tuple[Tensor, Tensor | None, Tensor, int]:
-    loader = make_loader(Subset(EvalShards(catalog, transform), ids), workers, pin_memory=device.type == "cuda",
-                         batch_size=batch_size)
+def _extract(
+    encode: Callable[[Tensor], Tensor],
+    catalog: ShardCatalog,
+    ids: list[int],
+    transform: EvalTransform,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+) -> tuple[Tensor, Tensor | None, Tensor, int]:
+    loader = make_loader(
+        Subset(EvalShards(catalog, transform), ids), workers, pin_memory=device.type == "cuda", batch_size=batch_size
+    )
     xs, ys, idx, skipped, labeled = [], [], [], 0, True
     for views in loader:
         skipped += len(views.skipped)
@@ -181,7 +184,7 @@ def _extract(encode: Callable[[Tensor], Tensor], catalog: ShardCatalog, ids: lis
         images = views.global_views[0].to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, precision):
+        with autocast_for(device, precision):
             out = encode(images)
         xs.append(out.float())
         idx.append(views.index)
@@ -193,7 +196,57 @@ def _extract(encode: Callable[[Tensor], Tensor], catalog: ShardCatalog, ids: lis
         x = torch.cat(xs)
     else:
         x = torch.empty(0, 0, device=device)
-    return x, (torch.cat(ys) if labeled and ys else None), (torch.cat(idx) if idx else torch.empty(0, dtype=torch.long)), skipped
+    return (
+        x,
+        (torch.cat(ys) if labeled and ys else None),
+        (torch.cat(idx) if idx else torch.empty(0, dtype=torch.long)),
+        skipped,
+    )
+
+
+def _extract_share(
+    model: nn.Module,
+    catalog: ShardCatalog,
+    ids: list[int],
+    transform: EvalTransform,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    precision: str,
+) -> tuple[Tensor, Tensor | None, Tensor, int]:
+    """This rank's rows ``ids`` with the model in eval mode (and channels_last on GPUs), both restored after."""
+    encode: Callable[[Tensor], Tensor] = getattr(model, "features", model)
+    was_training = model.training
+    model.eval()
+    # channels_last + bf16 is the fast path for convolutions on tensor cores; ViTs ignore the memory format.
+    channels_last = device.type == "cuda"
+    # A model that trains in channels_last (train.channels_last) stays so after an online kNN: restore its layout.
+    was_channels_last = any(
+        p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+        for p in model.parameters()
+    )
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    try:
+        return _extract(encode, catalog, ids, transform, batch_size, workers, device, precision, channels_last)
+    finally:
+        model.train(was_training)
+        if channels_last and not was_channels_last:
+            model.to(memory_format=torch.contiguous_format)
+
+
+def _gather_shares(
+    x: Tensor, y: Tensor | None, index: Tensor, skipped: int, device: torch.device
+) -> tuple[Tensor, Tensor | None, Tensor, int]:
+    """Every rank's share concatenated in rank order (catalog order), on every rank. Collective."""
+    # a rank with no rows (more ranks than samples) learns the width from the others
+    dim = int(all_reduce_max(torch.tensor([x.shape[1] if x.shape[0] else -1])).item())
+    if x.shape[0] == 0:
+        x = torch.empty(0, dim, device=device)
+    labeled = not agree(y is None and x.shape[0] > 0)
+    x, index = _gather_rows(x, device), _gather_rows(index, device)
+    y = _gather_rows(y if y is not None else torch.empty(0, dtype=torch.long), device) if labeled else None
+    return x, y, index, int(all_reduce_sum(torch.tensor([skipped])).item())
 
 
 def extract_features(
@@ -221,10 +274,12 @@ def extract_features(
     arguments; each gets the full set.
     """
     if require_labels and not catalog.has_labels:
-        raise DataError(f"shards '{catalog.spec}' have samples without a .cls label; probes need labeled data "
-                        "(write them with `ssltrain shards imagefolder`, whose class folders become labels)")
+        raise DataError(
+            f"shards '{catalog.spec}' have samples without a .cls label; probes need labeled data "
+            "(write them with `ssltrain shards imagefolder`, whose class folders become labels)"
+        )
     device = device or resolve_device("auto")
-    rank, world = _distributed()
+    this_rank, world = rank(), world_size()
     ids = subset_ids(len(catalog), limit)
     path = None
     if cache_dir is not None:
@@ -232,59 +287,41 @@ def extract_features(
         path = Path(cache_dir) / f"{tag}-{split}-{feature_cache_key(catalog, transform, fingerprint, limit)}.pt"
     start = time.perf_counter()
     hit = _load_cached(path) if path is not None and path.is_file() else None
-    if world > 1 and path is not None and _all_min(int(hit is not None), device) == 0:
+    if world > 1 and path is not None and agree(hit is None):
         hit = None  # some rank missed: all extract, so the collectives below line up
     if hit is not None:
         hit.seconds = time.perf_counter() - start
-        if rank == 0:
-            log.info("features of '%s' (%d samples) read from %s in %.2fs", catalog.spec, len(hit), path,
-                     hit.seconds)
+        if this_rank == 0:
+            log.info("features of '%s' (%d samples) read from %s in %.2fs", catalog.spec, len(hit), path, hit.seconds)
         return hit
 
-    encode = model.features if hasattr(model, "features") else model
-    was_training = model.training
-    model.eval()
-    # channels_last + bf16 is the fast path for convolutions on tensor cores; ViTs ignore the memory format.
-    channels_last = device.type == "cuda"
-    # A model that trains in channels_last (train.channels_last) stays so after an online kNN: restore its layout.
-    was_channels_last = any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
-                            for p in model.parameters())
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    mine = ids[len(ids) * rank // world : len(ids) * (rank + 1) // world]
-    try:
-        x, y, index, skipped = _extract(encode, catalog, mine, transform, batch_size, workers, device, precision,
-                                        channels_last)
-    finally:
-        model.train(was_training)
-        if channels_last and not was_channels_last:
-            model.to(memory_format=torch.contiguous_format)
+    mine = ids[len(ids) * this_rank // world : len(ids) * (this_rank + 1) // world]
+    x, y, index, skipped = _extract_share(model, catalog, mine, transform, batch_size, workers, device, precision)
     if world > 1:
-        dim = torch.tensor([x.shape[1] if x.shape[0] else -1], device=_comm_device(device))
-        dist.all_reduce(dim, op=dist.ReduceOp.MAX)
-        if x.shape[0] == 0:
-            x = torch.empty(0, int(dim.item()), device=device)
-        labeled = _all_min(int(y is not None or x.shape[0] == 0), device)
-        x, index = _gather_rows(x, device), _gather_rows(index, device)
-        y = _gather_rows(y if y is not None else torch.empty(0, dtype=torch.long), device) if labeled else None
-        skipped_t = torch.tensor([skipped], device=_comm_device(device))
-        dist.all_reduce(skipped_t)
-        skipped = int(skipped_t.item())
+        x, y, index, skipped = _gather_shares(x, y, index, skipped, device)
     x = x.cpu()
     if x.shape[0] == 0:
         raise DataError(f"no readable samples in '{catalog.spec}'")
-    if skipped and rank == 0:
+    if skipped and this_rank == 0:
         log.warning("%d unreadable samples skipped while extracting features from '%s'", skipped, catalog.spec)
     fs = FeatureSet(x, y.cpu() if y is not None else None, index.cpu(), skipped, path=path)
     if require_labels and fs.y is None:
         raise DataError(f"shards '{catalog.spec}' have samples without a .cls label; probes need labeled data")
     fs.seconds = time.perf_counter() - start
-    if rank == 0:
-        log.info("features of '%s': %d x %d in %.1fs (%.0f images/s on %s, %d rank%s)", catalog.spec, fs.x.shape[0],
-                 fs.x.shape[1], fs.seconds, len(ids) / max(fs.seconds, 1e-9), device, world, "s" if world > 1 else "")
-    if path is not None and rank == 0:
-        _save_cached(path, fs, {"spec": catalog.spec, "tag": tag, "split": split, "limit": limit,
-                                "transform": transform_signature(transform)})
+    if this_rank == 0:
+        rate, ranks = len(ids) / max(fs.seconds, 1e-9), f"{world} rank{'s' if world > 1 else ''}"
+        log.info(
+            "features of '%s': %d x %d in %.1fs (%.0f images/s on %s, %s)",
+            catalog.spec,
+            *fs.x.shape,
+            fs.seconds,
+            rate,
+            device,
+            ranks,
+        )
+    if path is not None and this_rank == 0:
+        meta = {"spec": catalog.spec, "tag": tag, "split": split, "limit": limit}
+        _save_cached(path, fs, {**meta, "transform": transform_signature(transform)})
     if path is not None and world > 1:
-        dist.barrier()  # the file exists for every rank once this returns
+        barrier()  # the file exists for every rank once this returns
     return fs

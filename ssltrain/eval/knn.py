@@ -12,13 +12,13 @@ Everything runs on the device the tensors are on; results do not depend on the c
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["knn_predict", "knn_accuracy", "knn_sweep", "topk_accuracy"]
+__all__ = ["knn_accuracy", "knn_predict", "knn_sweep", "num_classes_of", "topk_accuracy"]
 
 
 def compute_dtype(*xs: Tensor) -> torch.dtype:
@@ -69,6 +69,11 @@ def check_pair(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
         raise ValueError(f"{a_name} is on {a.device} but {b_name} is on {b.device}; put them on one device")
 
 
+def num_classes_of(*labels: Tensor) -> int:
+    """Classes a probe scores over: one past the largest label of any of the sets (bank and queries)."""
+    return max(int(y.max()) for y in labels) + 1
+
+
 def topk_accuracy(scores: Tensor, labels: Tensor) -> dict[str, float]:
     """Top-1 and top-5 accuracy of class scores [Q, C] against labels [Q].
 
@@ -105,8 +110,9 @@ def _check_k(k: int, bank_rows: int) -> None:
         raise ValueError(f"k={k} exceeds the bank size {bank_rows}; use k <= {bank_rows} or a larger bank")
 
 
-def _nearest(bank: Tensor, queries: Tensor, k: int, dtype: torch.dtype, chunk_size: int,
-             bank_chunk_size: int) -> tuple[Tensor, Tensor]:
+def _nearest(
+    bank: Tensor, queries: Tensor, k: int, dtype: torch.dtype, chunk_size: int, bank_chunk_size: int
+) -> tuple[Tensor, Tensor]:
     """(similarities, bank indices) [Q, k] of each query's k most cosine-similar bank rows, most similar first."""
     num_q, num_b, device = queries.shape[0], bank.shape[0], queries.device
     # Running top-k over the bank chunks seen so far; starts empty so the first chunk may hold fewer than k rows.
@@ -127,8 +133,9 @@ def _nearest(bank: Tensor, queries: Tensor, k: int, dtype: torch.dtype, chunk_si
     return best_sim, best_idx
 
 
-def _vote(best_sim: Tensor, best_idx: Tensor, bank_labels: Tensor, num_classes: int, temperature: float,
-          chunk_size: int) -> Tensor:
+def _vote(
+    best_sim: Tensor, best_idx: Tensor, bank_labels: Tensor, num_classes: int, temperature: float, chunk_size: int
+) -> Tensor:
     """Scores [Q, C]: each listed neighbour adds exp(sim / T) to its class."""
     labels = bank_labels.to(torch.long)
     num_q = best_sim.shape[0]
@@ -141,8 +148,9 @@ def _vote(best_sim: Tensor, best_idx: Tensor, bank_labels: Tensor, num_classes: 
     return scores
 
 
-def _check_predict_inputs(bank: Tensor, bank_labels: Tensor, queries: Tensor, num_classes: int, chunk_size: int,
-                          bank_chunk_size: int) -> None:
+def _check_predict_inputs(
+    bank: Tensor, bank_labels: Tensor, queries: Tensor, num_classes: int, chunk_size: int, bank_chunk_size: int
+) -> None:
     check_num_classes(num_classes)
     check_features("bank", bank)
     check_features("queries", queries)
@@ -151,7 +159,9 @@ def _check_predict_inputs(bank: Tensor, bank_labels: Tensor, queries: Tensor, nu
     check_finite("queries", queries)
     check_labels("bank_labels", bank_labels, bank.shape[0], num_classes, bank.device)
     if chunk_size < 1 or bank_chunk_size < 1:
-        raise ValueError(f"chunk sizes must be positive, got chunk_size={chunk_size}, bank_chunk_size={bank_chunk_size}")
+        raise ValueError(
+            f"chunk sizes must be positive, got chunk_size={chunk_size}, bank_chunk_size={bank_chunk_size}"
+        )
 
 
 def knn_predict(

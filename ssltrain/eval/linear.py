@@ -14,20 +14,29 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ssltrain.eval.knn import check_features, check_finite, check_labels, check_num_classes, check_pair, compute_dtype, topk_accuracy
+from ssltrain.eval.knn import (
+    check_features,
+    check_finite,
+    check_labels,
+    check_num_classes,
+    check_pair,
+    compute_dtype,
+    topk_accuracy,
+)
 
 __all__ = ["linear_probe", "linear_probe_grid", "linear_probe_sweep"]
 
 _REL_EPS = 1e-5  # a dim whose train std is below this fraction of its mean |value| counts as constant
 _EVAL_CHUNK = 8192
-# Below this many multiply-adds per step a CPU GEMM is ~0.1 ms: extra intra-op threads only add sync cost, and on a
-# busy machine they make each step 10-50x slower (measured: 6000x512, 10 classes, 2 cores: 19 s vs 4 s).
+# Below this many multiply-adds per step a CPU GEMM is too small to share: extra intra-op threads only add sync
+# cost, which on a busy machine makes each step many times slower.
 _SINGLE_THREAD_MACS = 1 << 24
 
 
@@ -73,66 +82,36 @@ def _standardiser(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, torch.where(constant, torch.zeros_like(std), 1.0 / std.clamp_min(torch.finfo(x.dtype).tiny))
 
 
-def _standardised(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
-                  dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _standardised(
+    train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Both splits standardised with the train split's statistics (as a probe on new data would be), labels as long."""
     mean, inv_std = _standardiser(train_x.to(dtype))
-    return ((train_x.to(dtype) - mean) * inv_std, train_y.to(torch.long),
-            (val_x.to(dtype) - mean) * inv_std, val_y.to(torch.long))
-
-
-def _fit(x: Tensor, y: Tensor, num_classes: int, epochs: int, lr: float, weight_decay: float, batch_size: int, seed: int) -> nn.Linear:
-    """Cross-entropy + SGD(momentum 0.9), per-step cosine lr from ``lr`` to 0, weight decay on the weight only."""
-    n, dim = x.shape
-    gen = torch.Generator().manual_seed(seed)
-    model = nn.Linear(dim, num_classes, device=x.device, dtype=x.dtype)
-    with torch.no_grad():  # DINO's init, drawn from our generator rather than the global RNG
-        model.weight.copy_(torch.randn(num_classes, dim, generator=gen, dtype=x.dtype) * 0.01)
-        model.bias.zero_()
-    opt = torch.optim.SGD(
-        [{"params": [model.weight], "weight_decay": weight_decay}, {"params": [model.bias], "weight_decay": 0.0}],
-        lr=lr,
-        momentum=0.9,
+    return (
+        (train_x.to(dtype) - mean) * inv_std,
+        train_y.to(torch.long),
+        (val_x.to(dtype) - mean) * inv_std,
+        val_y.to(torch.long),
     )
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = epochs * steps_per_epoch
-    step = 0
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen).to(x.device)
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            step_lr = 0.5 * lr * (1.0 + math.cos(math.pi * step / total))
-            for group in opt.param_groups:
-                group["lr"] = step_lr
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-    return model
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Linear, x: Tensor, y: Tensor) -> dict[str, float]:
-    logits = torch.cat([model(x[i : i + _EVAL_CHUNK]) for i in range(0, x.shape[0], _EVAL_CHUNK)])
-    return topk_accuracy(logits, y)
-
-
-@torch.no_grad()
-def _fit_grid(x: Tensor, y: Tensor, num_classes: int, epochs: int, lrs: Tensor, weight_decays: Tensor,
-              batch_size: int, seed: int) -> tuple[Tensor, Tensor]:
-    """``len(lrs)`` probes at once, each exactly ``_fit``'s recipe (same init, same batch order, SGD momentum 0.9,
-    cosine lr, decay on the weight only) with its own lr and weight decay. Returns weights [G, D, C], biases [G, C].
+def _fit_grid(
+    x: Tensor, y: Tensor, num_classes: int, epochs: int, lrs: Tensor, weight_decays: Tensor, batch_size: int, seed: int
+) -> tuple[Tensor, Tensor]:
+    """``len(lrs)`` softmax classifiers trained at once by one recipe: the same init (N(0, 0.01^2) weights, as
+    DINO's, zero bias) and batch order for all, cross-entropy, SGD with momentum 0.9, a per-step cosine lr from
+    each one's ``lr`` to 0, weight decay on the weight only. Returns weights [G, D, C], biases [G, C].
 
     The G classifiers are laid side by side as one [D, G*C] matrix, so a step is one wider matrix product instead of
     G small ones: the sweep is overhead-bound while steps are small (the usual case), and a grid trains in about
     the time of one probe. The softmax cross-entropy gradient is written out (``(softmax - onehot) / B``), so no
-    autograd graph is built.
+    autograd graph is built. A single probe is the grid of one.
     """
     n, dim = x.shape
     groups, classes = lrs.numel(), num_classes
     gen = torch.Generator().manual_seed(seed)
-    w0 = (torch.randn(classes, dim, generator=gen, dtype=x.dtype) * 0.01).T.to(x.device)  # _fit's init, [D, C]
+    w0 = (torch.randn(classes, dim, generator=gen, dtype=x.dtype) * 0.01).T.to(x.device)  # [D, C]
     weight = w0.repeat(1, groups)  # [D, G*C]: column block g is classifier g
     bias = torch.zeros(groups * classes, dtype=x.dtype, device=x.device)
     buf_w, buf_b = torch.zeros_like(weight), torch.zeros_like(bias)
@@ -162,7 +141,9 @@ def _fit_grid(x: Tensor, y: Tensor, num_classes: int, epochs: int, lrs: Tensor, 
 def _evaluate_grid(weight: Tensor, bias: Tensor, x: Tensor, y: Tensor) -> list[dict[str, float]]:
     out = []
     for g in range(weight.shape[0]):
-        logits = torch.cat([torch.addmm(bias[g], x[i : i + _EVAL_CHUNK], weight[g]) for i in range(0, x.shape[0], _EVAL_CHUNK)])
+        logits = torch.cat(
+            [torch.addmm(bias[g], x[i : i + _EVAL_CHUNK], weight[g]) for i in range(0, x.shape[0], _EVAL_CHUNK)]
+        )
         out.append(topk_accuracy(logits, y))
     return out
 
@@ -184,9 +165,27 @@ def linear_probe_grid(
 
     Equal to separate ``linear_probe`` calls up to float rounding (batched vs single matrix products).
     """
+    return _probe_grid(train_x, train_y, val_x, val_y, num_classes, lrs, weight_decays, epochs, batch_size, seed)
+
+
+def _probe_grid(
+    train_x: Tensor,
+    train_y: Tensor,
+    val_x: Tensor,
+    val_y: Tensor,
+    num_classes: int,
+    lrs: Sequence[float],
+    weight_decays: Sequence[float],
+    epochs: int,
+    batch_size: int,
+    seed: int,
+) -> list[dict[str, float]]:
+    """Check, standardise, train with :func:`_fit_grid`, score: the one fitter behind both public probes."""
     _check_inputs(train_x, train_y, val_x, val_y, num_classes)
     if len(lrs) != len(weight_decays) or not lrs:
-        raise ValueError(f"lrs and weight_decays must be non-empty and of one length, got {len(lrs)} and {len(weight_decays)}")
+        raise ValueError(
+            f"lrs and weight_decays must be non-empty and of one length, got {len(lrs)} and {len(weight_decays)}"
+        )
     for lr, wd in zip(lrs, weight_decays):
         _check_hparams(epochs, lr, wd, batch_size)
     dtype = compute_dtype(train_x, val_x)
@@ -194,8 +193,16 @@ def linear_probe_grid(
         x, y, xv, yv = _standardised(train_x, train_y, val_x, val_y, dtype)
         macs = len(lrs) * min(batch_size, x.shape[0]) * x.shape[1] * num_classes
         with _single_threaded(x.device.type == "cpu" and macs < _SINGLE_THREAD_MACS):
-            weight, bias = _fit_grid(x, y, num_classes, epochs, torch.tensor(list(lrs), dtype=torch.float64),
-                                     torch.tensor(list(weight_decays), dtype=torch.float64), batch_size, seed)
+            weight, bias = _fit_grid(
+                x,
+                y,
+                num_classes,
+                epochs,
+                torch.tensor(list(lrs), dtype=torch.float64),
+                torch.tensor(list(weight_decays), dtype=torch.float64),
+                batch_size,
+                seed,
+            )
         val = _evaluate_grid(weight, bias, xv, yv)
         train = _evaluate_grid(weight, bias, x, y)
     return [{"top1": v["top1"], "top5": v["top5"], "train_top1": t["top1"]} for v, t in zip(val, train)]
@@ -218,16 +225,19 @@ def linear_probe(
     Runs on the features' device in float32 (float64 if the features are). With num_classes < 5, top5 is 1.0.
     Works when called under torch.no_grad() / torch.inference_mode() (e.g. right after feature extraction).
     """
-    _check_inputs(train_x, train_y, val_x, val_y, num_classes)
-    _check_hparams(epochs, lr, weight_decay, batch_size)
-    dtype = compute_dtype(train_x, val_x)
-    with torch.inference_mode(False), torch.enable_grad():
-        x, y, xv, yv = _standardised(train_x, train_y, val_x, val_y, dtype)
-        tiny = x.device.type == "cpu" and min(batch_size, x.shape[0]) * x.shape[1] * num_classes < _SINGLE_THREAD_MACS
-        with _single_threaded(tiny):
-            model = _fit(x, y, num_classes, epochs, lr, weight_decay, batch_size, seed)
-        val = _evaluate(model, xv, yv)
-        return {"top1": val["top1"], "top5": val["top5"], "train_top1": _evaluate(model, x, y)["top1"]}
+    (result,) = _probe_grid(
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        num_classes,
+        [lr],
+        [weight_decay],
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    return result
 
 
 def _stratified_split(y: Tensor, num_classes: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -286,8 +296,9 @@ def linear_probe_sweep(
     fit_x, fit_y, hold_x, hold_y = train_x[fit_idx], train_y[fit_idx], train_x[hold_idx], train_y[hold_idx]
 
     settings = list(itertools.product(lrs, weight_decays))
-    held = linear_probe_grid(fit_x, fit_y, hold_x, hold_y, num_classes, [lr for lr, _ in settings],
-                             [wd for _, wd in settings], **kw)
+    held = linear_probe_grid(
+        fit_x, fit_y, hold_x, hold_y, num_classes, [lr for lr, _ in settings], [wd for _, wd in settings], **kw
+    )
     grid = [{"lr": lr, "weight_decay": wd, "holdout_top1": res["top1"]} for (lr, wd), res in zip(settings, held)]
     best = max(grid, key=lambda g: g["holdout_top1"])  # max keeps the first of equals
     final = linear_probe(

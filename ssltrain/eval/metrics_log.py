@@ -1,5 +1,5 @@
 """Where numbers go: ``metrics.jsonl`` (one JSON object a line), TensorBoard and optionally Weights & Biases, kept
-consistent on resume; and the training log's collapse warnings."""
+consistent on resume."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import json
 import logging
 import math
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
 from ssltrain.config import ConfigError
-from ssltrain.eval.representation import collapse_warnings
 
 log = logging.getLogger("ssltrain")
 
@@ -32,8 +32,13 @@ class MetricsLog:
     so keeping both would draw two curves over the same steps. TensorBoard gets the same treatment (``purge_step``).
     """
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True,
-                 wandb: WandbSettings | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+        wandb: WandbSettings | None = None,
+    ) -> None:
         """``resume_step``: 0 starts a fresh log, s > 0 continues a resumed run, None appends (eval records).
         ``wandb``: also mirror every record to this Weights & Biases run."""
         self.path = run_dir / "metrics.jsonl"
@@ -81,8 +86,10 @@ def require_wandb() -> None:
     try:
         import wandb  # noqa: F401
     except ImportError as err:
-        raise ConfigError(f"log.wandb=true needs the wandb package, which cannot be imported ({err}): "
-                          "pip install wandb (or pip install 'ssltrain[wandb]'), or set log.wandb=false") from None
+        raise ConfigError(
+            f"log.wandb=true needs the wandb package, which cannot be imported ({err}): "
+            "pip install wandb (or pip install 'ssltrain[wandb]'), or set log.wandb=false"
+        ) from None
 
 
 def _wandb_id(run_dir: Path, fresh: bool) -> str:
@@ -105,13 +112,22 @@ def start_wandb(settings: WandbSettings, run_dir: Path, fresh: bool) -> Any:
     """
     import wandb
 
-    kwargs = dict(project=settings.project, name=settings.name, dir=str(run_dir), config=settings.config,
-                  id=_wandb_id(run_dir, fresh), resume="allow")
+    kwargs: dict[str, Any] = dict(
+        project=settings.project,
+        name=settings.name,
+        dir=str(run_dir),
+        config=settings.config,
+        id=_wandb_id(run_dir, fresh),
+        resume="allow",
+    )
     try:
         run = wandb.init(**kwargs)
     except (wandb.errors.UsageError, wandb.errors.CommError) as err:
-        log.warning("wandb could not start online (%s); logging offline under %s/wandb (upload with `wandb sync`)",
-                    str(err).splitlines()[0] if str(err) else type(err).__name__, run_dir)
+        log.warning(
+            "wandb could not start online (%s); logging offline under %s/wandb (upload with `wandb sync`)",
+            str(err).splitlines()[0] if str(err) else type(err).__name__,
+            run_dir,
+        )
         run = wandb.init(mode="offline", **kwargs)
     # Plot against the trainer's step, not wandb's own counter: a resumed run re-logs the steps after its last
     # checkpoint, which wandb would drop as going back in time if they were its step.
@@ -124,39 +140,8 @@ def _scalars(record: Mapping[str, Any], train_prefix: str) -> dict[str, float]:
     """The record's numbers under tracker names: eval records under ``eval/<kind>/``, training ones under
     ``train_prefix`` (TensorBoard ``train/``, W&B none)."""
     prefix = f"eval/{record['eval']}/" if "eval" in record else train_prefix
-    return {prefix + key: value for key, value in record.items()
-            if key not in ("step", "eval") and isinstance(value, (int, float)) and not isinstance(value, bool)}
-
-
-# ---------------------------------------------------------------- collapse warnings in the training log
-
-
-class CollapseWatch:
-    """Collapse warnings (``monitors.collapse_warnings``) for the training log, once per crossing: a monitor that
-    falls under its threshold warns, stays quiet while it stays there, and may warn again after recovering."""
-
-    KEYS = ("rankme", "std_normalized")
-
-    def __init__(self, rankme_min: float, std_min: float, prefix: str = "emb") -> None:
-        self.rankme_min, self.std_min, self.prefix = rankme_min, std_min, prefix
-        self.below: dict[str, bool] = {}
-
-    def update(self, monitors: Mapping[str, Any], max_rank: int | None = None) -> list[str]:
-        """New warnings for this record of monitor values (``max_rank``: min(N, D) of the monitored batch)."""
-        out = []
-        for key in self.KEYS:
-            name = f"{self.prefix}_{key}"
-            if not _finite(monitors.get(name)):
-                continue  # no reading (missing, nan): neither a crossing nor a recovery
-            warned = collapse_warnings({name: monitors[name]}, self.prefix, self.rankme_min, self.std_min, max_rank)
-            if warned and not self.below.get(name, False):
-                out += warned
-            self.below[name] = bool(warned)
-        return out
-
-
-def _finite(value: Any) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
+    return {
+        prefix + key: value
+        for key, value in record.items()
+        if key not in ("step", "eval") and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }

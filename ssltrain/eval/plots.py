@@ -8,9 +8,10 @@ is None, with a ``note`` saying why, when the run has nothing to draw for it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -18,8 +19,21 @@ from matplotlib.figure import Figure
 __all__ = ["Plot", "plot_all", "training_records", "series"]
 
 # Keys of training records that are not loss terms (the training loop's own bookkeeping); add new loop keys here.
-NON_LOSS = {"step", "epoch", "lr", "img_per_s", "data_wait_s", "data_skipped", "nonfinite_steps", "grad_norm",
-            "weight_decay", "momentum", "teacher_temperature", "mem_gb", "max_mem_gb"}
+NON_LOSS = {
+    "step",
+    "epoch",
+    "lr",
+    "img_per_s",
+    "data_wait_s",
+    "data_skipped",
+    "nonfinite_steps",
+    "grad_norm",
+    "weight_decay",
+    "momentum",
+    "teacher_temperature",
+    "mem_gb",
+    "max_mem_gb",
+}
 MONITOR_PREFIXES = ("emb_", "feat_")
 ONLINE_PREFIX = "online_"
 DPI = 100
@@ -84,14 +98,22 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _line_panels(records: Sequence[dict[str, Any]], keys: Sequence[str], out: Path, title: str,
-                 thresholds: dict[str, float] | None = None, logy: Sequence[str] = ()) -> Path:
+def _line_panels(
+    records: Sequence[dict[str, Any]],
+    keys: Sequence[str],
+    out: Path,
+    title: str,
+    thresholds: dict[str, float] | None = None,
+    logy: Sequence[str] = (),
+) -> Path:
     fig, axes = _figure(len(keys))
     for ax, key in zip(axes, keys):
         xs, ys = series(records, key)
         ax.plot(xs, ys, marker="." if len(xs) < 30 else None, linewidth=1.2)
         if thresholds and key in thresholds:
-            ax.axhline(thresholds[key], color="tab:red", linestyle="--", linewidth=1, label=f"warn < {thresholds[key]:g}")
+            ax.axhline(
+                thresholds[key], color="tab:red", linestyle="--", linewidth=1, label=f"warn < {thresholds[key]:g}"
+            )
             ax.legend(fontsize=8)
         if key in logy and ys and min(ys) > 0:
             ax.set_yscale("log")
@@ -103,8 +125,11 @@ def _line_panels(records: Sequence[dict[str, Any]], keys: Sequence[str], out: Pa
 
 
 def plot_loss(train: Sequence[dict[str, Any]], out_dir: Path) -> Plot:
-    keys = [k for k in numeric_keys(train) if k not in NON_LOSS and not k.startswith(MONITOR_PREFIXES)
-            and not k.startswith(ONLINE_PREFIX)]
+    keys = [
+        k
+        for k in numeric_keys(train)
+        if k not in NON_LOSS and not k.startswith(MONITOR_PREFIXES) and not k.startswith(ONLINE_PREFIX)
+    ]
     keys = sorted(keys, key=lambda k: (k != "loss", k))  # the total first
     if not keys:
         return Plot("loss", "Loss terms", None, "no training records with a loss in metrics.jsonl")
@@ -121,17 +146,29 @@ def plot_throughput(train: Sequence[dict[str, Any]], out_dir: Path) -> Plot:
     keys = [k for k in ("img_per_s", "data_wait_s") if series(train, k)[0]]
     if not keys:
         return Plot("throughput", "Throughput", None, "no img_per_s in metrics.jsonl")
-    return Plot("throughput", "Throughput",
-                _line_panels(train, keys, out_dir / "throughput.png", "Throughput (images/s) and data wait (s per window)"))
+    return Plot(
+        "throughput",
+        "Throughput",
+        _line_panels(train, keys, out_dir / "throughput.png", "Throughput (images/s) and data wait (s per window)"),
+    )
 
 
 def plot_monitors(train: Sequence[dict[str, Any]], out_dir: Path, thresholds: dict[str, float]) -> Plot:
     keys = [k for k in numeric_keys(train) if k.startswith(MONITOR_PREFIXES)]
     if not keys:
         return Plot("monitors", "Collapse monitors", None, "no embedding monitors (emb_*) in metrics.jsonl")
-    return Plot("monitors", "Collapse monitors",
-                _line_panels(train, keys, out_dir / "monitors.png", "Collapse monitors of the training embeddings",
-                             thresholds=thresholds, logy=[k for k in keys if k.endswith("rankme")]))
+    return Plot(
+        "monitors",
+        "Collapse monitors",
+        _line_panels(
+            train,
+            keys,
+            out_dir / "monitors.png",
+            "Collapse monitors of the training embeddings",
+            thresholds=thresholds,
+            logy=[k for k in keys if k.endswith("rankme")],
+        ),
+    )
 
 
 def plot_probes(records: Sequence[dict[str, Any]], out_dir: Path) -> Plot:
@@ -149,8 +186,12 @@ def plot_probes(records: Sequence[dict[str, Any]], out_dir: Path) -> Plot:
         xs.append(step)
         ys.append(top1)
     if not online and not lines:
-        return Plot("probes", "Probes over steps", None,
-                    "no online probe (online_*) or eval records in metrics.jsonl: run `ssltrain eval` to add some")
+        return Plot(
+            "probes",
+            "Probes over steps",
+            None,
+            "no online probe (online_*) or eval records in metrics.jsonl: run `ssltrain eval` to add some",
+        )
     panels = (1 if online else 0) + (1 if lines else 0)
     fig, axes = _figure(panels, width=6.0, height=3.6, max_cols=2)
     ax_iter = iter(axes)
@@ -180,9 +221,13 @@ def plot_spectrum(spec: dict[str, Any] | None, out_dir: Path) -> Plot:
     """Singular values (stds along principal axes), normalised by the largest, on a log scale: a curve that drops
     to ~0 after r values is a representation living in r dimensions."""
     kinds = [k for k in ("features", "embeddings") if spec and any(k in spec.get(b, {}) for b in ("ssl", "random"))]
-    if not kinds:
-        return Plot("spectrum", "Singular-value spectrum", None,
-                    "no spectrum.json: run `ssltrain eval`, or give the run eval.val / data.train shards")
+    if spec is None or not kinds:
+        return Plot(
+            "spectrum",
+            "Singular-value spectrum",
+            None,
+            "no spectrum.json: run `ssltrain eval`, or give the run eval.val / data.train shards",
+        )
     fig, axes = _figure(len(kinds), width=5.5, height=3.8, max_cols=2)
     for ax, kind in zip(axes, kinds):
         for backbone, style in (("ssl", "-"), ("random", "--")):
@@ -204,12 +249,19 @@ def plot_spectrum(spec: dict[str, Any] | None, out_dir: Path) -> Plot:
     return Plot("spectrum", "Singular-value spectrum", _save(fig, out_dir / "spectrum.png"))
 
 
-def plot_all(records: Sequence[dict[str, Any]], spec: dict[str, Any] | None, out_dir: Path,
-             thresholds: dict[str, float]) -> list[Plot]:
+def plot_all(
+    records: Sequence[dict[str, Any]], spec: dict[str, Any] | None, out_dir: Path, thresholds: dict[str, float]
+) -> list[Plot]:
     """Every plot of the report, in report order; stale PNGs of skipped plots are removed."""
     train = training_records(records)
-    plots = [plot_loss(train, out_dir), plot_lr(train, out_dir), plot_throughput(train, out_dir),
-             plot_monitors(train, out_dir, thresholds), plot_probes(records, out_dir), plot_spectrum(spec, out_dir)]
+    plots = [
+        plot_loss(train, out_dir),
+        plot_lr(train, out_dir),
+        plot_throughput(train, out_dir),
+        plot_monitors(train, out_dir, thresholds),
+        plot_probes(records, out_dir),
+        plot_spectrum(spec, out_dir),
+    ]
     for p in plots:
         stale = out_dir / f"{p.name}.png"
         if p.path is None and stale.exists():

@@ -2,7 +2,7 @@
 
 Everything comes from what the run directory already holds: ``metrics.jsonl`` (loss terms, lr, throughput,
 monitors, online and offline probe records), ``config.yaml``, ``eval.json`` (the final probe table),
-``spectrum.json`` (written by ``ssltrain eval``) and ``hardware.json`` (when the trainer wrote one). The one thing
+``spectrum.json`` (written by ``ssltrain eval``) and ``hardware.json`` (written by the trainer at start). The one thing
 the report may compute is the spectrum at the last checkpoint, when ``spectrum.json`` is missing or belongs to
 an older checkpoint: it extracts features of up to ``spectrum_images`` samples of eval.val (else data.train;
 labels are not needed), cached like every other feature set. The report can be regenerated at any time, also
@@ -15,54 +15,29 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from ssltrain.eval.hardware import HARDWARE_FILE, hardware_info, write_hardware
 from ssltrain.eval.metrics_log import read_metrics
-from ssltrain.eval.representation import RANKME_WARN, STD_WARN, collapse_warnings
+from ssltrain.eval.representation import collapse_warnings
+
+if TYPE_CHECKING:  # plots imports matplotlib: only when a report is written
+    from ssltrain.config import Config
+    from ssltrain.eval.plots import Plot
 
 log = logging.getLogger("ssltrain")
 
-__all__ = ["hardware_info", "write_report", "compute_spectrum"]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def hardware_info() -> dict[str, Any]:
-    """Versions and devices of this machine; the trainer can write it to ``<run>/hardware.json`` at start so the
-    report shows the machine the run trained on rather than the one the report was made on."""
-    info: dict[str, Any] = {
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    if torch.cuda.is_available():
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return info
+__all__ = ["compute_spectrum", "write_hardware", "write_report"]  # write_hardware: the trainer's, at start
 
 
 def compute_spectrum(run_dir: Path, images: int = 1024) -> dict[str, Any] | None:
     """Spectrum and monitors of the latest checkpoint's features (and embeddings) on up to ``images`` samples;
     written to ``spectrum.json``. None when there is no checkpoint or no data to use."""
+    from ssltrain.core.device import resolve_device
     from ssltrain.data.stream import ShardCatalog
-    from ssltrain.eval.evaluate import build_models, eval_transform, representation_stats, resolve_target
-    from ssltrain.eval.features import extract_features, resolve_device
+    from ssltrain.eval.evaluate import build_models, representation_stats, resolve_target
+    from ssltrain.eval.features import eval_transform, extract_features
 
     target = resolve_target(run_dir)
     cfg = target.cfg
@@ -71,13 +46,28 @@ def compute_spectrum(run_dir: Path, images: int = 1024) -> dict[str, Any] | None
     device = resolve_device(cfg.device)
     model, _ = build_models(target, random_baseline=False)
     model.to(device)
-    fs = extract_features(model, catalog, eval_transform(cfg), batch_size=cfg.eval.batch_size,
-                          workers=cfg.data.workers, device=device, cache_dir=run_dir / "features",
-                          tag=f"step-{target.step}", split="spectrum", require_labels=False, limit=images,
-                          precision=cfg.precision)
+    fs = extract_features(
+        model,
+        catalog,
+        eval_transform(cfg),
+        batch_size=cfg.eval.batch_size,
+        workers=cfg.data.workers,
+        device=device,
+        cache_dir=run_dir / "features",
+        tag=f"step-{target.step}",
+        split="spectrum",
+        require_labels=False,
+        limit=images,
+        precision=cfg.precision,
+    )
     monitors, spectra = representation_stats(model, fs, images, device)
-    out = {"step": target.step, "checkpoint": str(target.checkpoint), "data": spec, "ssl": spectra,
-           "monitors": {"ssl": monitors}}
+    out = {
+        "step": target.step,
+        "checkpoint": str(target.checkpoint),
+        "data": spec,
+        "ssl": spectra,
+        "monitors": {"ssl": monitors},
+    }
     (run_dir / "spectrum.json").write_text(json.dumps(out))
     return out
 
@@ -102,26 +92,37 @@ def probe_table(ev: dict[str, Any]) -> list[str]:
     """Markdown table of eval.json: rows per kNN k (top-1 / top-5) and the linear probe, SSL vs random init."""
     cols = [c for c in ("ssl", "random") if isinstance(ev.get(c), dict)]
     names = {"ssl": f"SSL (step {ev.get('step')})", "random": "random init"}
-    lines = ["| probe | " + " | ".join(f"{names[c]} top-1 | {names[c]} top-5" for c in cols) + " |",
-             "| --- |" + " ---: | ---: |" * len(cols)]
+    lines = [
+        "| probe | " + " | ".join(f"{names[c]} top-1 | {names[c]} top-5" for c in cols) + " |",
+        "| --- |" + " ---: | ---: |" * len(cols),
+    ]
     ssl = ev.get("ssl", {})
     for k in sorted(ssl.get("knn", {}), key=int):
-        cells = [f"{_fmt(ev[c].get('knn', {}).get(k, {}).get('top1'))} | {_fmt(ev[c].get('knn', {}).get(k, {}).get('top5'))}" for c in cols]
+        cells = [
+            f"{_fmt(ev[c].get('knn', {}).get(k, {}).get('top1'))} | {_fmt(ev[c].get('knn', {}).get(k, {}).get('top5'))}"
+            for c in cols
+        ]
         lines.append(f"| kNN k={k}, T={ssl.get('knn_temperature', '-')} | " + " | ".join(cells) + " |")
     if "linear" in ssl:
-        cells = [f"{_fmt(ev[c].get('linear', {}).get('top1'))} | {_fmt(ev[c].get('linear', {}).get('top5'))}" for c in cols]
+        cells = [
+            f"{_fmt(ev[c].get('linear', {}).get('top1'))} | {_fmt(ev[c].get('linear', {}).get('top5'))}" for c in cols
+        ]
         lines.append("| linear | " + " | ".join(cells) + " |")
     if len(lines) == 2:
         return ["_eval.json holds no probe results._"]
     notes = []
     if "linear" in ssl:
         lin = ssl["linear"]
-        notes.append(f"Linear probe: lr {lin['lr']:g}, weight decay {lin['weight_decay']:g}, chosen among "
-                     f"{len(lin.get('grid', []))} settings on a held-out fifth of the train features "
-                     f"(held-out top-1 {_fmt(lin.get('holdout_top1'))}), then trained on all of train.")
-    notes.append(f"Train `{ev.get('train_data')}` ({ssl.get('train_samples', '?')} samples), val `{ev.get('val_data')}` "
-                 f"({ssl.get('val_samples', '?')} samples), {ssl.get('num_classes', '?')} classes; checkpoint "
-                 f"`{ev.get('checkpoint')}`.")
+        notes.append(
+            f"Linear probe: lr {lin['lr']:g}, weight decay {lin['weight_decay']:g}, chosen among "
+            f"{len(lin.get('grid', []))} settings on a held-out fifth of the train features "
+            f"(held-out top-1 {_fmt(lin.get('holdout_top1'))}), then trained on all of train."
+        )
+    notes.append(
+        f"Train `{ev.get('train_data')}` ({ssl.get('train_samples', '?')} samples), val `{ev.get('val_data')}` "
+        f"({ssl.get('val_samples', '?')} samples), {ssl.get('num_classes', '?')} classes; checkpoint "
+        f"`{ev.get('checkpoint')}`."
+    )
     return lines + [""] + notes
 
 
@@ -138,10 +139,93 @@ def _training_warnings(records: list[dict[str, Any]], rankme_min: float, std_min
     last = with_monitors[-1]
     out = [f"step {last['step']}: {w}" for w in collapse_warnings(last, "emb", rankme_min, std_min, max_rank)]
     for key in ("emb_rankme", "emb_std_normalized"):
-        first = next((r for r in with_monitors if collapse_warnings({key: r.get(key)}, "emb", rankme_min, std_min, max_rank)), None)
+        first = next(
+            (r for r in with_monitors if collapse_warnings({key: r.get(key)}, "emb", rankme_min, std_min, max_rank)),
+            None,
+        )
         if first is not None and first is not last:
             out.append(f"{key} first fell under its threshold at step {first['step']} ({float(first[key]):.4g})")
     return out
+
+
+def _spectrum(run_dir: Path, latest: Path | None, compute: bool, images: int) -> tuple[dict[str, Any] | None, str]:
+    """(spectrum.json's content, a note for the report): computed anew when it is missing or of an older checkpoint."""
+    spec = _read_json(run_dir / "spectrum.json")
+    note = ""
+    if latest is not None and compute and not _same_path(spec and spec.get("checkpoint"), latest):
+        try:
+            spec = compute_spectrum(run_dir, images)
+        except Exception as err:  # noqa: BLE001 - the rest of the report is still worth writing
+            note = f"The spectrum could not be computed: {type(err).__name__}: {err}"
+            log.warning("report: %s", note)
+    if spec is not None and latest is not None and not _same_path(spec.get("checkpoint"), latest):
+        note = f"The spectrum is of `{spec.get('checkpoint')}`, not of the latest checkpoint `{latest}`."
+    return spec, note
+
+
+def _summary(cfg: Config, train: list[dict[str, Any]], latest: Path | None) -> list[str]:
+    md = [
+        "## Summary",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| method | `{cfg.method.name}` |",
+        f"| backbone | `{cfg.model.backbone}` at {cfg.augment.global_crops.size} px |",
+        f"| steps logged | {train[-1]['step'] if train else 0} of {cfg.steps} |",
+        f"| global batch | {cfg.data.batch_size} |",
+        f"| last checkpoint | `{latest}` |" if latest else "| last checkpoint | none |",
+    ]
+    if train:
+        md.append(f"| last loss | {_fmt(train[-1].get('loss'))} |")
+        rates = [float(r["img_per_s"]) for r in train if isinstance(r.get("img_per_s"), (int, float))]
+        if rates:
+            md.append(f"| throughput (median) | {sorted(rates)[len(rates) // 2]:.0f} images/s |")
+    return [*md, ""]
+
+
+def _warnings(records: list[dict[str, Any]], ev: dict[str, Any] | None, cfg: Config) -> list[str]:
+    rankme_min, std_min = cfg.eval.collapse_rankme, cfg.eval.collapse_std
+    warnings = _training_warnings(records, rankme_min, std_min, cfg.data.batch_size)
+    if ev:
+        warnings += [f"eval at step {ev.get('step')}: {w}" for w in ev.get("warnings", [])]
+    none = (
+        f"None (thresholds: RankMe {rankme_min:g}, capped at half the batch's rank bound; normalised std "
+        f"{std_min:g}; `eval.collapse_rankme`, `eval.collapse_std`)."
+    )
+    return ["## Warnings", "", *([f"- **{w}**" for w in warnings] if warnings else [none]), ""]
+
+
+def _probes(ev: dict[str, Any] | None, latest: Path | None, run_dir: Path) -> list[str]:
+    if not ev:
+        return ["## Probes", "", f"_No eval.json yet: run `ssltrain eval {run_dir}`._", ""]
+    md = ["## Probes", ""]
+    if latest is not None and not _same_path(ev.get("checkpoint"), latest):
+        md += [
+            f"_These probes are of `{ev.get('checkpoint')}`; the latest checkpoint is `{latest}`: run "
+            f"`ssltrain eval {run_dir}` to update them._",
+            "",
+        ]
+    return [*md, *probe_table(ev), ""]
+
+
+def _plots(plots: list[Plot], spectrum_note: str) -> list[str]:
+    md = ["## Plots", ""]
+    for p in plots:
+        md += [f"### {p.title}", ""]
+        md.append(f"![{p.title}](plots/{p.path.name})" if p.path is not None else f"_Skipped: {p.note}._")
+        if p.name == "spectrum" and spectrum_note:
+            md += ["", f"_{spectrum_note}_"]
+        md.append("")
+    return md
+
+
+def _hardware(hardware: dict[str, Any] | None) -> list[str]:
+    if hardware:
+        md = ["## Hardware", "", "The machine the run trained on (`hardware.json`):"]
+    else:
+        md = ["## Hardware", "", "No `hardware.json` in the run directory; this is the machine that wrote the report:"]
+        hardware = hardware_info()
+    return [*md, "", "| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in hardware.items()], ""]
 
 
 def write_report(run_dir: Path, compute_spectrum_if_missing: bool = True, spectrum_images: int = 1024) -> Path:
@@ -153,76 +237,17 @@ def write_report(run_dir: Path, compute_spectrum_if_missing: bool = True, spectr
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)  # also the "is this a run directory" check
     records = read_metrics(run_dir / "metrics.jsonl")
-    rankme_min = float(getattr(cfg.eval, "collapse_rankme", RANKME_WARN))
-    std_min = float(getattr(cfg.eval, "collapse_std", STD_WARN))
-
     latest = latest_checkpoint(run_dir)
-    spec = _read_json(run_dir / "spectrum.json")
-    spectrum_note = ""
-    if latest is not None and compute_spectrum_if_missing and not _same_path(spec and spec.get("checkpoint"), latest):
-        try:
-            spec = compute_spectrum(run_dir, spectrum_images)
-        except Exception as err:  # noqa: BLE001 - the rest of the report is still worth writing
-            spectrum_note = f"The spectrum could not be computed: {type(err).__name__}: {err}"
-            log.warning("report: %s", spectrum_note)
-    if spec is not None and latest is not None and not _same_path(spec.get("checkpoint"), latest):
-        spectrum_note = f"The spectrum is of `{spec.get('checkpoint')}`, not of the latest checkpoint `{latest}`."
-
-    plots = plot_all(records, spec, run_dir / "plots", {"emb_rankme": rankme_min, "emb_std_normalized": std_min})
+    spec, spectrum_note = _spectrum(run_dir, latest, compute_spectrum_if_missing, spectrum_images)
+    thresholds = {"emb_rankme": cfg.eval.collapse_rankme, "emb_std_normalized": cfg.eval.collapse_std}
+    plots = plot_all(records, spec, run_dir / "plots", thresholds)
     ev = _read_json(run_dir / "eval.json")
-    hardware = _read_json(run_dir / "hardware.json")
     train = [r for r in records if "eval" not in r and "step" in r]
 
-    md = [f"# Run report: {cfg.name}", "",
-          f"Generated {dt.datetime.now().astimezone().isoformat(timespec='seconds')} by `ssltrain report {run_dir}`.", ""]
-    md += ["## Summary", "", "| | |", "| --- | --- |",
-           f"| method | `{cfg.method.name}` |", f"| backbone | `{cfg.model.backbone}` at {cfg.augment.global_crops.size} px |",
-           f"| steps logged | {train[-1]['step'] if train else 0} of {cfg.steps} |",
-           f"| global batch | {cfg.data.batch_size} |",
-           f"| last checkpoint | `{latest}` |" if latest else "| last checkpoint | none |"]
-    if train:
-        last = train[-1]
-        md.append(f"| last loss | {_fmt(last.get('loss'))} |")
-        rates = [float(r["img_per_s"]) for r in train if isinstance(r.get("img_per_s"), (int, float))]
-        if rates:
-            md.append(f"| throughput (median) | {sorted(rates)[len(rates) // 2]:.0f} images/s |")
-    md.append("")
-
-    warnings = _training_warnings(records, rankme_min, std_min, cfg.data.batch_size)
-    if ev:
-        warnings += [f"eval at step {ev.get('step')}: {w}" for w in ev.get("warnings", [])]
-    md += ["## Warnings", ""]
-    md += [f"- **{w}**" for w in warnings] if warnings else [
-        f"None (thresholds: RankMe {rankme_min:g}, capped at half the batch's rank bound; normalised std "
-        f"{std_min:g}; `eval.collapse_rankme`, `eval.collapse_std`)."]
-    md.append("")
-
-    md += ["## Probes", ""]
-    if ev:
-        if latest is not None and not _same_path(ev.get("checkpoint"), latest):
-            md += [f"_These probes are of `{ev.get('checkpoint')}`; the latest checkpoint is `{latest}`: run "
-                   f"`ssltrain eval {run_dir}` to update them._", ""]
-        md += probe_table(ev)
-    else:
-        md.append(f"_No eval.json yet: run `ssltrain eval {run_dir}`._")
-    md.append("")
-
-    md += ["## Plots", ""]
-    for p in plots:
-        md += [f"### {p.title}", ""]
-        md.append(f"![{p.title}](plots/{p.path.name})" if p.path is not None else f"_Skipped: {p.note}._")
-        if p.name == "spectrum" and spectrum_note:
-            md += ["", f"_{spectrum_note}_"]
-        md.append("")
-
-    md += ["## Hardware", ""]
-    if hardware:
-        md.append("The machine the run trained on (`hardware.json`):")
-    else:
-        md.append("No `hardware.json` in the run directory; this is the machine that wrote the report:")
-        hardware = hardware_info()
-    md += ["", "| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in hardware.items()] + [""]
-
+    now = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    md = [f"# Run report: {cfg.name}", "", f"Generated {now} by `ssltrain report {run_dir}`.", ""]
+    md += _summary(cfg, train, latest) + _warnings(records, ev, cfg) + _probes(ev, latest, run_dir)
+    md += _plots(plots, spectrum_note) + _hardware(_read_json(run_dir / HARDWARE_FILE))
     md += ["## Resolved config", "", "```yaml", (run_dir / "config.yaml").read_text().rstrip(), "```", ""]
     path = run_dir / "report.md"
     tmp = run_dir / ".report.md.tmp"

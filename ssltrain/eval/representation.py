@@ -15,16 +15,11 @@ Keys of ``embedding_monitors(z, prefix)``:
 - ``{prefix}_rankme``: RankMe (Garrido et al., ICML 2023), the exponential of the entropy of the normalised
   singular values: between ~1 (rank one, e.g. full collapse) and ``min(N, D)`` (all singular values equal).
 - ``{prefix}_logdet_entropy``: ``ssltrain.losses.logdet_entropy(z, alpha=1) / D``, nats per dimension.
-- ``{prefix}_align`` and ``{prefix}_uniform`` (only when a second view ``other`` is given): alignment and
-  uniformity of Wang & Isola (ICML 2020) on the L2-normalised rows. ``align`` is ``E ||f(x) - f(x')||^2`` over
-  the positive pairs (0 when the two views map to the same point, 4 at worst); ``uniform`` is
-  ``log E exp(-2 ||f(x_i) - f(x_j)||^2)`` over the distinct pairs of one view, averaged over the two views
-  (0 when every row is the same point, more negative the more the rows spread over the sphere).
 
 For plots and eval-time checks, :func:`spectrum` gives the singular-value spectrum of the centred batch (the
 standard deviations along the principal axes): a spectrum that drops to ~0 after a few values is dimensional
 collapse (Jing et al., ICLR 2022). :func:`collapse_warnings` turns monitor values into warnings, for the log
-and the run report.
+and the run report, against thresholds the caller passes (``eval.collapse_rankme`` / ``eval.collapse_std``).
 
 Edge cases: every key is always present, so logs keep the same columns. With N = 1 the batch statistics are
 undefined and ``_std``, ``_std_min``, ``_std_normalized`` and ``_logdet_entropy`` are ``nan`` (RankMe of one
@@ -34,8 +29,10 @@ diverging run still logs. ``MetricsLog`` writes ``nan`` as the string ``"nan"``.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,18 +40,9 @@ from torch import Tensor
 
 from ssltrain.losses import logdet_entropy
 
-__all__ = [
-    "alignment", "collapse_warnings", "embedding_monitors", "rankme", "singular_values", "spectrum", "uniformity",
-]
+__all__ = ["collapse_warnings", "embedding_monitors", "rankme", "singular_values", "spectrum"]
 
 MONITOR_KEYS = ("std", "std_min", "std_normalized", "rankme", "logdet_entropy")
-PAIR_KEYS = ("align", "uniform")
-
-# Defaults of collapse_warnings. RankMe under 10 is dimensional collapse for any embedding of a few hundred
-# dimensions or more (BYOL's collapse on digits went 28 -> 5); a normalised std of 0.1 means the rows occupy a
-# tenth of what an isotropic spread would (1.0 healthy, 0 one point).
-RANKME_WARN = 10.0
-STD_WARN = 0.1
 
 
 def _prepare(z: Tensor) -> Tensor:
@@ -107,35 +95,8 @@ def spectrum(z: Tensor, center: bool = True) -> Tensor:
     return s[: min(n - 1, d)] if center else s
 
 
-@torch.no_grad()
-def alignment(z1: Tensor, z2: Tensor) -> float:
-    """Wang & Isola's alignment ``E ||f(x) - f(x')||_2^2`` of the L2-normalised positive pairs (rows of z1, z2)."""
-    a, b = _prepare(z1), _prepare(z2)
-    if a.shape != b.shape:
-        raise ValueError(f"the two views must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    return float((F.normalize(a, dim=1) - F.normalize(b, dim=1)).pow(2).sum(dim=1).mean())
-
-
-@torch.no_grad()
-def uniformity(z: Tensor, t: float = 2.0) -> float:
-    """Wang & Isola's uniformity ``log E_{i<j} exp(-t ||f_i - f_j||^2)`` of the L2-normalised rows (N >= 2).
-
-    Computed as a log-sum-exp, so a spread-out batch gives a finite large negative value rather than log(0).
-    """
-    f = F.normalize(_prepare(z), dim=1)
-    n = f.shape[0]
-    if n < 2:
-        raise ValueError(f"uniformity needs at least 2 rows, got {n}")
-    # ||f_i - f_j||^2 = 2 - 2 f_i.f_j on the unit sphere; the Gram form is one matmul, unlike pdist's N^2 D loop.
-    # The mean over ordered pairs i != j equals the mean over i < j; the diagonal is masked with +inf (exp -> 0).
-    sq = (2.0 - 2.0 * (f @ f.T)).clamp_min(0.0)
-    sq.fill_diagonal_(math.inf)
-    return float(torch.logsumexp((-t * sq).flatten(), dim=0) - math.log(n * (n - 1)))
-
-
 def collapse_warnings(
-    monitors: Mapping[str, Any], prefix: str = "emb", rankme_min: float = RANKME_WARN, std_min: float = STD_WARN,
-    max_rank: int | None = None,
+    monitors: Mapping[str, Any], prefix: str, rankme_min: float, std_min: float, max_rank: int | None = None
 ) -> list[str]:
     """Warnings for monitor values under the thresholds: ``{prefix}_rankme < rankme_min`` or
     ``{prefix}_std_normalized < std_min`` (the scale-free std; raw std depends on the method's scale).
@@ -152,8 +113,10 @@ def collapse_warnings(
     for key, limit, what in checks:
         value = _as_float(monitors.get(f"{prefix}_{key}"))
         if value is not None and value < limit:
-            out.append(f"{prefix}_{key} = {value:.4g} < {limit:g}: {what} this low means the {prefix} space has collapsed"
-                       " onto few directions")
+            out.append(
+                f"{prefix}_{key} = {value:.4g} < {limit:g}: {what} this low means the {prefix} space has collapsed"
+                " onto few directions"
+            )
     return out
 
 
@@ -166,28 +129,13 @@ def _as_float(value: Any) -> float | None:
 
 
 @torch.no_grad()
-def embedding_monitors(z: Tensor, prefix: str = "emb", other: Tensor | None = None) -> dict[str, float]:
-    """Collapse monitors of one (N, D) embedding batch; see the module docstring for the keys.
-
-    ``other``: the same samples' embeddings under a second view, which adds ``{prefix}_align`` and
-    ``{prefix}_uniform``.
-    """
+def embedding_monitors(z: Tensor, prefix: str = "emb") -> dict[str, float]:
+    """Collapse monitors of one (N, D) embedding batch; see the module docstring for the keys."""
     z = _prepare(z)
     n, d = z.shape
     out = {f"{prefix}_{key}": math.nan for key in MONITOR_KEYS}
-    if other is not None:
-        other = _prepare(other)
-        if other.shape != z.shape:
-            raise ValueError(f"other must have the shape of z {tuple(z.shape)}, got {tuple(other.shape)}")
-        out.update({f"{prefix}_{key}": math.nan for key in PAIR_KEYS})
-        if not bool(torch.isfinite(other).all()):
-            return out
     if not bool(torch.isfinite(z).all()):
         return out
-    if other is not None:
-        out[f"{prefix}_align"] = alignment(z, other)
-        if n >= 2:
-            out[f"{prefix}_uniform"] = 0.5 * (uniformity(z) + uniformity(other))
     out[f"{prefix}_rankme"] = _rankme_from_singular_values(torch.linalg.svdvals(z), 1e-7)
     if n < 2:
         return out
@@ -195,8 +143,7 @@ def embedding_monitors(z: Tensor, prefix: str = "emb", other: Tensor | None = No
     out[f"{prefix}_std"] = float(std.mean())
     out[f"{prefix}_std_min"] = float(std.min())
     out[f"{prefix}_std_normalized"] = float(F.normalize(z, dim=1).std(dim=0, correction=1).mean()) * math.sqrt(d)
-    try:
+    # LinAlgError only on overflow of the Gram matrix (|z| ~ 1e19 in float32): the entry stays nan
+    with contextlib.suppress(torch.linalg.LinAlgError):
         out[f"{prefix}_logdet_entropy"] = float(logdet_entropy(z, alpha=1.0)) / d
-    except torch.linalg.LinAlgError:  # only on overflow of the Gram matrix (|z| ~ 1e19 in float32): leave nan
-        pass
     return out
