@@ -23,12 +23,12 @@ demo: install
 	$(BIN)/ssltrain eval runs/demo
 
 # video_setup.sh installs Debian's ffmpeg when it is missing (the video tests decode real clips with it).
-# Lint, format, types and the import layering (.importlinter); `make test` runs it first.
+# Lint, format, types and the import layering (.importlinter); `make test` runs it first. mypy and import-linter
+# run on a copy of the package laid out as installed (tools/lint_package.py).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy
-	$(BIN)/python tools/lint_imports.py
+	$(BIN)/python tools/lint_package.py
 
 test: install lint
 	bash tests/video_setup.sh

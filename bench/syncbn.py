@@ -70,8 +70,9 @@ def main() -> None:
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     args = parser.parse_args()
     if not torch.cuda.is_available() or "RANK" not in os.environ:
-        raise SystemExit("bench/syncbn.py needs CUDA and torchrun (2+ GPUs): torchrun --nproc-per-node N "
-                         "bench/syncbn.py")
+        raise SystemExit(
+            "bench/syncbn.py needs CUDA and torchrun (2+ GPUs): torchrun --nproc-per-node N bench/syncbn.py"
+        )
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.set_device(device)
     dist.init_process_group("nccl")
@@ -81,15 +82,19 @@ def main() -> None:
     if _apex_parallel() is not None:
         results["apex"] = _step_time("apex", args, device)
     if dist.get_rank() == 0:
-        print(f"{torch.cuda.get_device_name(device)} x {dist.get_world_size()}, ResNet-50 {args.size} px, batch "
-              f"{args.batch}/GPU, {'fp32' if args.fp32 else 'bf16'}, "
-              f"{'channels_last' if args.channels_last else 'NCHW'}")
+        print(
+            f"{torch.cuda.get_device_name(device)} x {dist.get_world_size()}, ResNet-50 {args.size} px, batch "
+            f"{args.batch}/GPU, {'fp32' if args.fp32 else 'bf16'}, "
+            f"{'channels_last' if args.channels_last else 'NCHW'}"
+        )
         print("| SyncBatchNorm | img/s per GPU | first-step loss |\n| --- | ---: | ---: |")
         for impl, (seconds, loss) in results.items():
             print(f"| {impl} | {args.batch / seconds:.0f} | {loss:.6f} |")
         if "apex" in results:
-            print(f"apex / native speed: {results['native'][0] / results['apex'][0]:.3f}; first-step loss "
-                  f"difference {abs(results['apex'][1] - results['native'][1]):.2e}")
+            print(
+                f"apex / native speed: {results['native'][0] / results['apex'][0]:.3f}; first-step loss "
+                f"difference {abs(results['apex'][1] - results['native'][1]):.2e}"
+            )
         else:
             print("apex: unavailable (apex.parallel with its syncbn extension does not import)")
     dist.destroy_process_group()

@@ -35,37 +35,37 @@ randomly initialised. Timings are wall clock over ``--steps`` steps after ``--wa
 from __future__ import annotations
 
 import argparse
-import functools
-import io
 import json
 import logging
 import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from ssltrain.config import Config, load_config
+from ssltrain.core.device import autocast_for, resolve_device
+from ssltrain.data.embedded import synthetic_jpeg
+from ssltrain.data.loaders import build_train_loader
 from ssltrain.data.loaders.cpu import Views
-from ssltrain.data.loaders.pipeline import build_train_loader
 from ssltrain.data.shards import write_shards
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
-from ssltrain.engine.guard import FiniteGuard, supports_device_skip
-from ssltrain.methods import build_method
+from ssltrain.engine.guard import supports_device_skip
+from ssltrain.engine.parallelize import channels_last_wanted
+from ssltrain.engine.run import Run, build_run
+from ssltrain.engine.step import train_step
 from ssltrain.models.backbones import build_backbone
-from ssltrain.engine.optim import build_optimizer, scaled_lr, set_lr
-from ssltrain.engine.speed import apply_speed, channels_last_wanted
-from ssltrain.engine.loop import autocast_for, optimizer_update, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = {"vicreg": ("configs/vicreg_resnet50_imagenet.yaml", 256), "dino": ("configs/dino_vit_small_imagenet.yaml", 64)}
+RECIPES = {
+    "vicreg": ("configs/vicreg_resnet50_imagenet.yaml", 256),
+    "dino": ("configs/dino_vit_small_imagenet.yaml", 64),
+}
 
 
 @dataclass
@@ -86,83 +86,75 @@ def _sync(device: torch.device) -> None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    model = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
     return f"CPU ({model}, {torch.get_num_threads()} threads)"
 
 
 # --- inputs -----------------------------------------------------------------------------------------------------
 
-def _jpeg(i: int, side: int) -> dict:
-    rng = np.random.default_rng(i)
-    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((side * 4 // 3, side),
-                                                                                     Image.BILINEAR)
-    arr = np.asarray(coarse, dtype=np.int16) + rng.integers(-20, 21, (side, side * 4 // 3, 3), dtype=np.int16)
-    buf = io.BytesIO()
-    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
-    return {"__key__": f"{i:08d}", "jpg": buf.getvalue(), "cls": i % 1000}
-
 
 def write_jpeg_shards(out: Path, images: int, side: int) -> str:
-    write_shards((_jpeg(i, side) for i in range(images)), out, "train", max_count=1000)
+    write_shards((synthetic_jpeg(i, side * 4 // 3, side) for i in range(images)), out, "train", max_count=1000)
     return str(out)
 
 
 def synthetic_views(cfg: Config, batch: int, device: torch.device) -> Views:
     g, lc = cfg.augment.global_crops, cfg.augment.local_crops
     make = lambda size: torch.randn(batch, 3, size, size, device=device)  # noqa: E731
-    return Views([make(g.size) for _ in range(g.count)], [make(lc.size) for _ in range(lc.count)],
-                 torch.arange(batch, device=device), None)
+    return Views(
+        [make(g.size) for _ in range(g.count)],
+        [make(lc.size) for _ in range(lc.count)],
+        torch.arange(batch, device=device),
+        None,
+    )
 
 
 # --- the two steps ----------------------------------------------------------------------------------------------
 
-@dataclass
-class Trainee:
-    """The Method and its optimizer, built once per model and shared by the three ssltrain paths."""
 
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    guard: FiniteGuard
-
-
-def build_trainee(cfg: Config, device: torch.device) -> Trainee:
-    torch.manual_seed(cfg.seed)
-    model = apply_speed(build_method(cfg, num_samples=1_281_167).to(device), cfg, device)
-    optimizer = build_optimizer(model, cfg.optim, cfg.data.batch_size)
-    set_lr(optimizer, scaled_lr(cfg.optim, cfg.data.batch_size))
-    return Trainee(model.train(), optimizer, FiniteGuard(cfg.train.finite_check, optimizer, device))
+def build_trainee(recipe: Path, overrides: list[str], scratch: Path) -> Run:
+    """The run ssltrain's paths time, built as ``ssltrain train`` builds it, in a scratch run directory."""
+    return build_run(
+        load_config(
+            recipe, [*overrides, f"out_dir={scratch}", "name=bench", "checkpoint.resume=false", "log.tensorboard=false"]
+        )
+    )
 
 
-def ssltrain_run(cfg: Config, trainee: Trainee, device: torch.device, batches: Iterator[Views], steps: int,
-                 warmup: int) -> float:
-    """images/s of ssltrain's training step (train.py's, without logging and checkpoints) over ``batches``."""
-    model, optimizer = trainee.model, trainee.optimizer
-    total = warmup + steps
+def ssltrain_run(trainee: Run, batches: Iterator[Views], steps: int, warmup: int) -> float:
+    """images/s of the engine's training step (``ssltrain.engine.step.train_step``: the loop's own) over ``batches``,
+    without logging, monitors and checkpoints."""
     images, start = 0, 0.0
-    for step in range(total):
+    for step in range(warmup + steps):
         if step == warmup:
-            _sync(device)
+            _sync(trainee.device)
             start, images = time.perf_counter(), 0
-        views = next(batches)
-        model.on_step_start(step, total)
-        optimizer.zero_grad(set_to_none=True)
-        trainee.guard.begin_step(model)  # as the trainer does: its cost is part of the step
-        with autocast_for(device, cfg.precision):
-            out = model(views.to(device))
-            out["loss"].backward()
-        trainee.guard.apply(out["loss"], model, functools.partial(optimizer_update, model, optimizer,
-                                                                  cfg.optim.grad_clip, step, total))
-        images += views.batch_size
-    _sync(device)
+        images += train_step(trainee, batches).samples
+        trainee.step += 1
+    _sync(trainee.device)
     return images / (time.perf_counter() - start)
 
 
 def reference_run(cfg: Config, device: torch.device, batch: int, steps: int, warmup: int, compile: bool) -> float:
     """images/s of a plain supervised step of the same backbone on the same crops (see the module docstring)."""
     torch.manual_seed(cfg.seed)
-    backbone, dim = build_backbone(cfg.model.backbone, patch_size=cfg.model.patch_size,
-                                   image_size=cfg.augment.global_crops.size, drop_path=cfg.model.drop_path)
+    backbone, dim = build_backbone(
+        cfg.model.backbone,
+        patch_size=cfg.model.patch_size,
+        image_size=cfg.augment.global_crops.size,
+        drop_path=cfg.model.drop_path,
+    )
     model = nn.Sequential(backbone, nn.Linear(dim, 1000)).to(device)
     channels_last = channels_last_wanted(cfg.train.channels_last, model, device)
     if channels_last:
@@ -194,10 +186,10 @@ def reference_run(cfg: Config, device: torch.device, batch: int, steps: int, war
 
 # --- the four paths ---------------------------------------------------------------------------------------------
 
+
 def loader_batches(cfg: Config, device: torch.device, steps: int) -> tuple[Iterable[Views], str]:
     catalog = ShardCatalog.from_spec(cfg.data.train, "data.train")
-    sampler = GlobalBatchSampler(len(catalog), cfg.data.batch_size, cfg.seed, start=0,
-                                 end=steps * cfg.data.batch_size)
+    sampler = GlobalBatchSampler(len(catalog), cfg.data.batch_size, cfg.seed, start=0, end=steps * cfg.data.batch_size)
     loader = build_train_loader(cfg, catalog, sampler, device)
     kind = type(loader).__name__
     return loader, kind
@@ -217,17 +209,27 @@ def measure(label: str, fn: Callable[[], float], device: torch.device) -> tuple[
     return rate, peak, ""
 
 
-def bench_model(name: str, args: argparse.Namespace, device: torch.device, data: str) -> list[Row]:
+def bench_model(name: str, args: argparse.Namespace, device: torch.device, data: str, scratch: Path) -> list[Row]:
     recipe, default_batch = RECIPES[name]
     batch = args.batch or default_batch
     size = args.size
     local = max(16, round(size * 96 / 224 / 16) * 16)  # ViT patch multiples, 96 px at 224
-    overrides = [f"data.train={data}", f"data.batch_size={batch}", f"data.workers={args.workers}",
-                 f"device={device.type}", f"augment.global_crops.size={size}", f"augment.local_crops.size={local}",
-                 f"train.compile={str(args.compile).lower()}", "progress=false"]
+    overrides = [
+        f"data.train={data}",
+        f"data.batch_size={batch}",
+        f"data.workers={args.workers}",
+        f"device={device.type}",
+        f"augment.global_crops.size={size}",
+        f"augment.local_crops.size={local}",
+        f"train.compile={str(args.compile).lower()}",
+        "progress=false",
+    ]
     cfg = load_config(ROOT / recipe, overrides)
-    label = (f"{name} {cfg.model.backbone} {size}px b{batch} ({cfg.augment.global_crops.count}x{size}"
-             + (f" + {cfg.augment.local_crops.count}x{local}" if cfg.augment.local_crops.count else "") + ")")
+    label = (
+        f"{name} {cfg.model.backbone} {size}px b{batch} ({cfg.augment.global_crops.count}x{size}"
+        + (f" + {cfg.augment.local_crops.count}x{local}" if cfg.augment.local_crops.count else "")
+        + ")"
+    )
     steps, warmup = args.steps, args.warmup
     rows: list[Row] = []
 
@@ -239,15 +241,16 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, data:
 
     print(label, flush=True)
     run("reference", lambda: reference_run(cfg, device, batch, steps, warmup, args.compile))
-    trainee = build_trainee(cfg, device)
+    trainee = build_trainee(ROOT / recipe, overrides, scratch / "ceiling")
     fixed = synthetic_views(cfg, batch, device)
-    run("ceiling", lambda: ssltrain_run(cfg, trainee, device, iter(lambda: fixed, None), steps, warmup))
+    run("ceiling", lambda: ssltrain_run(trainee, iter(lambda: fixed, None), steps, warmup))
     if supports_device_skip(trainee.optimizer):  # train.finite_check=deferred: no host sync in the step
-        deferred_cfg = load_config(ROOT / recipe, [*overrides, "train.finite_check=deferred"])
-        deferred = build_trainee(deferred_cfg, device)
-        run("deferred", lambda: ssltrain_run(deferred_cfg, deferred, device, iter(lambda: fixed, None), steps, warmup),
-            "ceiling with train.finite_check=deferred")
-        del deferred
+        deferred = build_trainee(ROOT / recipe, [*overrides, "train.finite_check=deferred"], scratch / "deferred")
+        run(
+            "deferred",
+            lambda: ssltrain_run(deferred, iter(lambda: fixed, None), steps, warmup),
+            "ceiling with train.finite_check=deferred",
+        )
 
     dali_cfg = load_config(ROOT / recipe, [*overrides, "data.loader=dali"])
     try:
@@ -255,19 +258,22 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, data:
     except Exception as err:  # noqa: BLE001 - e.g. ssltrain.data.loaders.dali missing or DALI failing to start
         loader, kind = None, f"an error: {type(err).__name__}: {str(err)[:120]}"
     if kind == "DaliLoader":
-        run("dali", lambda: ssltrain_run(dali_cfg, trainee, device, iter(loader), steps, warmup),
-            "DALI GPU decode" if device.type == "cuda" else "DALI CPU mode (device_id=None)")
+        run(
+            "dali",
+            lambda: ssltrain_run(trainee, iter(loader), steps, warmup),
+            "DALI GPU decode" if device.type == "cuda" else "DALI CPU mode (device_id=None)",
+        )
     else:
-        note = f"unavailable: DALI cannot run here (the loader {'fell back to ' + kind if loader else 'raised ' + kind})"
+        note = (
+            f"unavailable: DALI cannot run here (the loader {'fell back to ' + kind if loader else 'raised ' + kind})"
+        )
         rows.append(Row(label, "dali", None, note=note))
         print(f"  {'dali':<10} {note}", flush=True)
-    del loader
+    loader = None  # let DALI go before the CPU loader starts
 
     cpu_cfg = load_config(ROOT / recipe, [*overrides, "data.loader=torch"])
     loader, _ = loader_batches(cpu_cfg, device, warmup + steps)
-    run("cpu", lambda: ssltrain_run(cpu_cfg, trainee, device, iter(loader), steps, warmup),
-        f"{args.workers} DataLoader workers")
-    del loader, trainee
+    run("cpu", lambda: ssltrain_run(trainee, iter(loader), steps, warmup), f"{args.workers} DataLoader workers")
 
     reference = rows[0].images_per_s
     for row in rows:
@@ -294,8 +300,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="global crop size (local crops scale as 96/224)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per path")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 5, 10 with --compile, 1 on CPU)")
-    parser.add_argument("--workers", type=int, default=max(1, min(15, (os.cpu_count() or 2) - 1)),
-                        help="data workers (CPU path) / DALI threads")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, min(15, (os.cpu_count() or 2) - 1)),
+        help="data workers (CPU path) / DALI threads",
+    )
     parser.add_argument("--source-size", type=int, help="height of the synthetic JPEGs (default 375; CPU: 1.5 x size)")
     parser.add_argument("--compile", action="store_true", help="train.compile=true, and compile the reference")
     parser.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "ssltrain-bench-train"))
@@ -317,10 +327,14 @@ def main() -> None:
         write_jpeg_shards(data, distinct, side)
         print(f"wrote {distinct} synthetic {side}px-high JPEGs to {data} in {time.perf_counter() - start:.1f}s")
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
-    print(f"bench/train.py on {device_name(device)}; torch {torch.__version__}; {precision}; "
-          f"compile {'on' if args.compile else 'off'}; {args.steps} steps after {args.warmup} warm-up", flush=True)
+    print(
+        f"bench/train.py on {device_name(device)}; torch {torch.__version__}; {precision}; "
+        f"compile {'on' if args.compile else 'off'}; {args.steps} steps after {args.warmup} warm-up",
+        flush=True,
+    )
     start = time.perf_counter()
-    rows = [row for m in models for row in bench_model(m, args, device, str(data))]
+    with tempfile.TemporaryDirectory(prefix="ssltrain-bench-runs-") as scratch:
+        rows = [row for m in models for row in bench_model(m, args, device, str(data), Path(scratch) / m)]
     print()
     print(table(rows))
     print(f"({time.perf_counter() - start:.0f} s)")
@@ -330,8 +344,17 @@ def main() -> None:
             verdict = "within" if ceiling.vs_reference >= 0.9 else "NOT within"
             print(f"{model}: ssltrain ceiling {verdict} 10% of the plain step ({ceiling.vs_reference:.2f}x)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device_name(device), "torch": torch.__version__,
-                                               "compile": args.compile, "rows": [asdict(r) for r in rows]}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "device": device_name(device),
+                    "torch": torch.__version__,
+                    "compile": args.compile,
+                    "rows": [asdict(r) for r in rows],
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

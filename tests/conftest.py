@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 import torch
+from PIL import Image
 
 # Without a GPU, Triton kernels run under the interpreter. It is read when a kernel is defined, so it must be set
 # before any test imports ssltrain.kernels.
@@ -30,7 +29,9 @@ def png_bytes(i: int, size: int = 16) -> bytes:
     return buf.getvalue()
 
 
-def make_shards(out: Path, counts: list[int], size: int = 16, prefix: str = "train", labeled: bool = True) -> list[Path]:
+def make_shards(
+    out: Path, counts: list[int], size: int = 16, prefix: str = "train", labeled: bool = True
+) -> list[Path]:
     """Write len(counts) shards holding counts[i] samples each; sample keys are s<global index>."""
     paths, start = [], 0
     for shard, n in enumerate(counts):
@@ -59,11 +60,23 @@ def shard_dir(tmp_path: Path) -> Path:
 def tiny_config(tmp_path: Path, train: str, **overrides: object) -> Config:
     """A config that trains in a second or two on CPU: ResNet-18 at 16 px, batch 8, small projector."""
     base = {
-        "name": "tiny", "out_dir": str(tmp_path / "runs"), "steps": 6, "log_every": 1, "progress": False,
-        "threads": 2, "data.train": train, "data.batch_size": 8, "data.workers": 0,
-        "augment.global_crops.size": 16, "augment.global_crops.blur_p": "[0.5]",
-        "method.projector": "[64,64]", "optim.name": "adamw", "optim.lr": 0.01, "optim.warmup_steps": 2,
-        "checkpoint.every": 2, "checkpoint.keep": 5,
+        "name": "tiny",
+        "out_dir": str(tmp_path / "runs"),
+        "steps": 6,
+        "log_every": 1,
+        "progress": False,
+        "threads": 2,
+        "data.train": train,
+        "data.batch_size": 8,
+        "data.workers": 0,
+        "augment.global_crops.size": 16,
+        "augment.global_crops.blur_p": "[0.5]",
+        "method.projector": "[64,64]",
+        "optim.name": "adamw",
+        "optim.lr": 0.01,
+        "optim.warmup_steps": 2,
+        "checkpoint.every": 2,
+        "checkpoint.keep": 5,
     }
-    base.update({k: v for k, v in overrides.items()})
+    base.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in base.items()])

@@ -17,23 +17,34 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_shards, tiny_config
-from ssltrain.engine.checkpoint import Checkpointer
+from faults import nonfinite_at
+
+from ssltrain.config import Config, to_yaml
 from ssltrain.core.checkpoint_layout import read_meta
 from ssltrain.core.checkpoints import load_checkpoint
-from ssltrain.config import Config, to_yaml
 from ssltrain.data.record import read_global_batches
-from ssltrain.eval.metrics_log import read_metrics
+from ssltrain.engine.checkpoint import Checkpointer
 from ssltrain.engine.loop import train
+from ssltrain.eval.metrics_log import read_metrics
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-VIT = {"model.backbone": "vit_tiny", "model.patch_size": 8, "data.batch_size": 12, "steps": 6, "threads": 1,
-       "method.projector": "[64]", "method.byol.predictor": "[64]",  # one Linear each: no BatchNorm
-       # LARS, not AdamW: Adam turns reduction-order noise in a zero gradient (VICReg's projector bias) into
-       # +-lr steps, so its runs agree only to ~lr; LARS agrees to ~1e-7.
-       "optim.name": "lars", "optim.lr": 0.5, "checkpoint.every": 3, "data.record_samples": True}
+VIT = {
+    "model.backbone": "vit_tiny",
+    "model.patch_size": 8,
+    "data.batch_size": 12,
+    "steps": 6,
+    "threads": 1,
+    "method.projector": "[64]",
+    "method.byol.predictor": "[64]",  # one Linear each: no BatchNorm
+    # LARS, not AdamW: Adam turns reduction-order noise in a zero gradient (VICReg's projector bias) into
+    # +-lr steps, so its runs agree only to ~lr; LARS agrees to ~1e-7.
+    "optim.name": "lars",
+    "optim.lr": 0.5,
+    "checkpoint.every": 3,
+    "data.record_samples": True,
+}
 
 
 def free_port() -> int:
@@ -49,12 +60,39 @@ def write_config(tmp_path: Path, name: str, data: str, **overrides: object) -> t
     return path, cfg
 
 
-def torchrun(config: Path, nproc: int, *extra: str, nnodes: int = 1, node_rank: int | None = None,
-             endpoint: str | None = None, wait: bool = True) -> subprocess.Popen:
-    rdzv = (["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "t"]
-            if endpoint else ["--standalone"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *rdzv,
-           "-m", "ssltrain.cli", "train", str(config), *extra]
+def torchrun(
+    config: Path,
+    nproc: int,
+    *extra: str,
+    nnodes: int = 1,
+    node_rank: int | None = None,
+    endpoint: str | None = None,
+    wait: bool = True,
+    nonfinite_steps: str = "",
+) -> subprocess.Popen:
+    """``ssltrain train CONFIG`` under torchrun; ``nonfinite_steps`` ("2,4") makes the loss NaN at those steps."""
+    rdzv = (
+        ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "t"]
+        if endpoint
+        else ["--standalone"]
+    )
+    entry = (
+        [str(Path(__file__).parent / "nonfinite_train.py"), nonfinite_steps]
+        if nonfinite_steps
+        else ["-m", "ssltrain.cli"]
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        *rdzv,
+        *entry,
+        "train",
+        str(config),
+        *extra,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     if wait:
@@ -84,8 +122,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> str:
 def single_runs(tmp_path_factory: pytest.TempPathFactory, data: str) -> dict[str, Path]:
     """The single-process reference runs every multi-process run is compared with."""
     tmp = tmp_path_factory.mktemp("single")
-    return {method: train(tiny_config(tmp / method, data, **{**VIT, "method.name": method}))
-            for method in ("vicreg", "diet", "byol")}
+    return {
+        method: train(tiny_config(tmp / method, data, **{**VIT, "method.name": method}))
+        for method in ("vicreg", "diet", "byol")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +135,16 @@ def single(single_runs: dict[str, Path]) -> dict[str, dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("method,async_save", [("vicreg", True), ("diet", False)])
 def test_resume_on_other_world_sizes_equals_one_uninterrupted_process(
-        tmp_path: Path, data: str, single: dict, single_runs: dict, method: str, async_save: bool) -> None:
+    tmp_path: Path, data: str, single: dict, single_runs: dict, method: str, async_save: bool
+) -> None:
     """4 ranks for 2 steps, 2 ranks for 2 more, 3 ranks to the end: the same global batches, sample for sample,
     and the same parameters as one process.
 
     DIET's N-way head is sharded by rows over the ranks, so this reshards it 4 -> 2 -> 3 through DCP.
     """
-    config, cfg = write_config(tmp_path, method, data, **{"method.name": method, "checkpoint.every": 2,
-                                                          "checkpoint.async_save": async_save})
+    config, cfg = write_config(
+        tmp_path, method, data, **{"method.name": method, "checkpoint.every": 2, "checkpoint.async_save": async_save}
+    )
     torchrun(config, 4, "--stop-after-steps", "2")
     assert read_meta(cfg.run_dir / "checkpoints/step-2")["world_size"] == 4
     torchrun(config, 2, "--stop-after-steps", "2")
@@ -119,24 +161,36 @@ def test_resume_on_other_world_sizes_equals_one_uninterrupted_process(
 @pytest.mark.parametrize("method", ["byol", "diet"])
 def test_fsdp_equals_one_process(tmp_path: Path, data: str, single: dict, method: str) -> None:
     """FSDP2 with BYOL's EMA teacher (sharded like the student), and with DIET's own row-sharded head beside it."""
-    config, cfg = write_config(tmp_path, method, data, **{"method.name": method, "dist.strategy": "fsdp",
-                                                          "dist.fsdp_bf16_params": False})
+    config, cfg = write_config(
+        tmp_path, method, data, **{"method.name": method, "dist.strategy": "fsdp", "dist.fsdp_bf16_params": False}
+    )
     torchrun(config, 2)
     assert_close(params(cfg.run_dir), single[method])
 
 
 @pytest.mark.parametrize("optimizer,lr", [("adamw", 0.01), ("lars", 0.5), ("lamb", 0.01)])
-def test_deferred_finite_check_equals_host_check_under_fsdp(tmp_path: Path, data: str, optimizer: str,
-                                                            lr: float) -> None:
+def test_deferred_finite_check_equals_host_check_under_fsdp(
+    tmp_path: Path, data: str, optimizer: str, lr: float
+) -> None:
     """The device-side skip (fused AdamW's found_inf, LARS's and LAMB's masked updates, on DTensor shards; the
     gated EMA of a sharded teacher; the flag all-reduced without a host read) makes the host-side check's updates, a
     NaN step included."""
     runs = {}
     for mode in ("step", "deferred"):
-        config, runs[mode] = write_config(tmp_path, mode, data, **{
-            "method.name": "byol", "dist.strategy": "fsdp", "dist.fsdp_bf16_params": False, "optim.name": optimizer,
-            "optim.lr": lr, "faults.inject_nonfinite_steps": "[2]", "train.finite_check": mode})
-        torchrun(config, 2)
+        config, runs[mode] = write_config(
+            tmp_path,
+            mode,
+            data,
+            **{
+                "method.name": "byol",
+                "dist.strategy": "fsdp",
+                "dist.fsdp_bf16_params": False,
+                "optim.name": optimizer,
+                "optim.lr": lr,
+                "train.finite_check": mode,
+            },
+        )
+        torchrun(config, 2, nonfinite_steps="2")
     records = read_metrics(runs["deferred"].run_dir / "metrics.jsonl")
     assert [r["nonfinite_steps"] for r in records] == [0, 0, 1, 1, 1, 1]
     assert_close(params(runs["deferred"].run_dir), params(runs["step"].run_dir), atol=1e-6)
@@ -161,8 +215,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_a_killed_rank_ends_the_job_with_an_error_and_the_rerun_resumes(tmp_path: Path, data: str) -> None:
-    config, cfg = write_config(tmp_path, "killed", data, **{"steps": 40, "checkpoint.every": 2,
-                                                            "dist.timeout_s": 60})
+    config, cfg = write_config(tmp_path, "killed", data, **{"steps": 40, "checkpoint.every": 2, "dist.timeout_s": 60})
     proc = torchrun(config, 2, wait=False)
     ckpts = cfg.run_dir / "checkpoints"
     deadline = time.monotonic() + 300
@@ -200,11 +253,11 @@ def test_sigterm_checkpoints_at_the_step_boundary_then_exits(tmp_path: Path, dat
     assert latest is not None and 0 < read_meta(latest)["step"] < 60  # saved mid-run although every=1000
 
 
-def test_nonfinite_steps_are_skipped_counted_and_reloaded(tmp_path: Path, data: str,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
-    cfg = tiny_config(tmp_path, data, **{"steps": 8, "checkpoint.every": 2, "faults.nonfinite_patience": 2,
-                                          "faults.inject_nonfinite_steps": "[2,4,5]"})
-    with caplog.at_level("WARNING", logger="ssltrain"):
+def test_nonfinite_steps_are_skipped_counted_and_reloaded(
+    tmp_path: Path, data: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tiny_config(tmp_path, data, **{"steps": 8, "checkpoint.every": 2, "faults.nonfinite_patience": 2})
+    with caplog.at_level("WARNING", logger="ssltrain"), nonfinite_at([2, 4, 5]):
         run = train(cfg)
     assert "step 5: 2 non-finite steps in a row; reloading the weights of" in caplog.text
     assert caplog.text.count("update skipped") == 3

@@ -20,10 +20,10 @@ import shutil
 import socket
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -56,8 +56,8 @@ def pip_command(kind: str) -> list[str]:
     found = []
     for name, script in instructions(DOCKERFILE.read_text()):
         for words in shell_commands(script) if name == "RUN" else []:
-            if "pip" in words and words[words.index("pip") + 1:][:1] == [kind]:
-                found.append(words[words.index("pip") + 2:])
+            if "pip" in words and words[words.index("pip") + 1 :][:1] == [kind]:
+                found.append(words[words.index("pip") + 2 :])
     assert len(found) == 1, f"expected one `pip {kind}` in the Dockerfile, found {len(found)}"
     return found[0]
 
@@ -78,8 +78,11 @@ def test_the_image_builds_on_ngc_and_copies_every_package() -> None:
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     needed = {"pyproject.toml", "README.md", "ssltrain", *meta.get("package-dir", {}).values()}
     assert needed <= copied, f"the Dockerfile does not copy {sorted(needed - copied)}"
-    admitted = {line[1:].strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.startswith("!")}
+    admitted = {
+        line[1:].strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
     assert copied <= admitted, f".dockerignore keeps {sorted(copied - admitted)} out of the build context"
     install = pip_command("install")
     assert install[install.index("--constraint") + 1] == CONSTRAINTS  # held by the image's pins
@@ -136,8 +139,9 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     copy_like_the_image(workdir)
     args = [str(out) if a == WHEEL_DIR else a for a in pip_command("wheel")]
     env = {k: v for k, v in os.environ.items() if k != "PIP_CONSTRAINT"}  # as `env -u PIP_CONSTRAINT` does
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", *args], cwd=workdir, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return out
 
@@ -149,12 +153,11 @@ def dry_run_install(wheels: Path, python: Path, constraints: Path, report: Path)
         if a == CONSTRAINTS:
             a = str(constraints)
         elif a.startswith(WHEEL_DIR + "/"):
-            matches = sorted(wheels.glob(a[len(WHEEL_DIR) + 1:]))  # the shell glob of the RUN line
+            matches = sorted(wheels.glob(a[len(WHEEL_DIR) + 1 :]))  # the shell glob of the RUN line
             assert len(matches) == 1, matches
             a = str(matches[0])
         args.append(a)
-    cmd = [sys.executable, "-m", "pip", "--python", str(python), "install", "--dry-run", "--report", str(report),
-           *args]
+    cmd = [sys.executable, "-m", "pip", "--python", str(python), "install", "--dry-run", "--report", str(report), *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 

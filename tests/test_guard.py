@@ -1,24 +1,27 @@
-"""The non-finite guard (ssltrain/engine/guard.py): deferred (device-side) skips make the same updates as host-side ones."""
+"""The non-finite guard (ssltrain/engine/guard.py): deferred (device-side) skips make the same updates as host-side
+ones."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import make_shards, tiny_config
+from faults import nonfinite_at
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import make_shards, tiny_config
-from ssltrain.core.checkpoints import load_checkpoint
 from ssltrain.config import ConfigError
+from ssltrain.core.checkpoints import load_checkpoint
 from ssltrain.engine.guard import FiniteGuard, nonfinite_flag
-from ssltrain.models.ema import ema_update, frozen_copy
-from ssltrain.engine.optim import LAMB, LARS
 from ssltrain.engine.loop import train
+from ssltrain.engine.optim import LAMB, LARS, optimizer_step
+from ssltrain.models.ema import ema_update, frozen_copy
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +45,21 @@ def _backward(model: nn.Module, poison: bool) -> torch.Tensor:
     return loss
 
 
+def apply(
+    guard: FiniteGuard,
+    loss: torch.Tensor,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: Callable[[torch.Tensor | None], None] | None = None,
+) -> None:
+    """The update as the engine's step makes it: the guard's verdict, the optimizer, then the gated EMA teacher."""
+    verdict = guard.judge(loss, model)
+    if verdict.apply:
+        optimizer_step(optimizer, verdict.found_inf)
+        if ema is not None:
+            ema(verdict.keep)
+
+
 @pytest.mark.parametrize("mode", ["step", "deferred"])
 def test_skipped_step_leaves_weights_optimizer_and_teacher_alone(mode: str) -> None:
     model = _model()
@@ -49,16 +67,12 @@ def test_skipped_step_leaves_weights_optimizer_and_teacher_alone(mode: str) -> N
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     guard = FiniteGuard(mode, optimizer, torch.device("cpu"))
 
-    def update(gate: torch.Tensor | None) -> None:
-        optimizer.step()
-        ema_update(teacher, model, 0.9, gate)
-
     for poison in (False, True, True, False):
         # The student's BN running statistics move in every forward; its parameters and the teacher must not.
         before = [t.detach().clone() for t in (*model.parameters(), *teacher.state_dict().values())]
         optimizer_before = {k: v.clone() for k, v in optimizer.state[model[0].weight].items()}
         optimizer.zero_grad(set_to_none=True)
-        guard.apply(_backward(model, poison), model, update)
+        apply(guard, _backward(model, poison), model, optimizer, lambda gate: ema_update(teacher, model, 0.9, gate))
         after = [*model.parameters(), *teacher.state_dict().values()]
         if poison:
             assert all(torch.equal(a, b) for a, b in zip(before, after))
@@ -89,7 +103,7 @@ def test_skipped_step_restores_the_running_statistics_its_forward_moved(mode: st
             x[2, 1] = float("nan")
         loss = model(x).square().mean() + method["teacher"](x).sum() * 0
         loss.backward()
-        guard.apply(loss, method, lambda gate: (optimizer.step(), ema_update(method["teacher"], model, 0.9, gate)))
+        apply(guard, loss, method, optimizer, lambda gate: ema_update(method["teacher"], model, 0.9, gate))
         after = dict(method.named_buffers())
         if poison:
             assert all(torch.equal(before[k], after[k]) for k in statistics), step
@@ -107,8 +121,12 @@ def _lars(model: nn.Module) -> torch.optim.Optimizer:
     """ssltrain's LARS with a decayed group and an excluded one (biases and norms), as build_optimizer makes."""
     decayed = [p for p in model.parameters() if p.dim() > 1]
     excluded = [p for p in model.parameters() if p.dim() <= 1]
-    return LARS([{"params": decayed}, {"params": excluded, "exclude": True, "weight_decay": 0.0}], lr=0.5,
-                weight_decay=0.01, eta=0.02)
+    return LARS(
+        [{"params": decayed}, {"params": excluded, "exclude": True, "weight_decay": 0.0}],
+        lr=0.5,
+        weight_decay=0.01,
+        eta=0.02,
+    )
 
 
 def _lamb(model: nn.Module) -> torch.optim.Optimizer:
@@ -135,10 +153,11 @@ def test_deferred_updates_equal_host_decided_updates(make_optimizer) -> None:
         for poison in (True, False, True, False, True, True, False):
             optimizer.zero_grad(set_to_none=True)
             guard.begin_step(model)
-            guard.apply(_backward(model, poison), model,
-                        lambda gate: (optimizer.step(), ema_update(teacher, model, 0.8, gate)))
-        results.append([*model.state_dict().values(), *teacher.state_dict().values(),
-                        *optimizer.state[model[2].weight].values()])
+            ema = lambda gate, t=teacher, s=model: ema_update(t, s, 0.8, gate)  # noqa: E731
+            apply(guard, _backward(model, poison), model, optimizer, ema)
+        results.append(
+            [*model.state_dict().values(), *teacher.state_dict().values(), *optimizer.state[model[2].weight].values()]
+        )
         assert guard.check().longest_run == 2
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -172,7 +191,7 @@ def test_deferred_step_reads_nothing_back_to_the_host(make_optimizer) -> None:
         loss = _backward(model, poison)
         with _HostReads() as recorder:
             guard.begin_step(model)
-            guard.apply(loss, model, lambda gate: (optimizer.step(), ema_update(teacher, model, 0.9, gate)))
+            apply(guard, loss, model, optimizer, lambda gate: ema_update(teacher, model, 0.9, gate))
         assert recorder.reads == [], (poison, recorder.reads)
     assert guard.check().total == 2
 
@@ -197,16 +216,25 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_training_with_deferred_check_equals_host_check(tmp_path: Path, data: str,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_training_with_deferred_check_equals_host_check(
+    tmp_path: Path, data: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """BYOL (an EMA teacher) with NaN steps 2, 4, 5 and patience 2: the same skips, reload and final weights."""
     runs = {}
     for mode in ("step", "deferred"):
-        cfg = tiny_config(tmp_path / mode, data, **{
-            "steps": 8, "method.name": "byol", "method.byol.predictor": "[64,64]", "faults.nonfinite_patience": 2,
-            "faults.inject_nonfinite_steps": "[2,4,5]", "train.finite_check": mode})
+        cfg = tiny_config(
+            tmp_path / mode,
+            data,
+            **{
+                "steps": 8,
+                "method.name": "byol",
+                "method.byol.predictor": "[64,64]",
+                "faults.nonfinite_patience": 2,
+                "train.finite_check": mode,
+            },
+        )
         caplog.clear()
-        with caplog.at_level("WARNING", logger="ssltrain"):
+        with caplog.at_level("WARNING", logger="ssltrain"), nonfinite_at([2, 4, 5]):
             runs[mode] = train(cfg)
         assert caplog.text.count("update skipped") == 3
         assert "step 5: 2 non-finite steps in a row; reloading the weights of" in caplog.text
@@ -218,12 +246,14 @@ def test_training_with_deferred_check_equals_host_check(tmp_path: Path, data: st
         torch.testing.assert_close(deferred_state[key], step_state[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_deferred_check_reports_at_log_steps_and_keeps_patience(tmp_path: Path, data: str,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_deferred_check_reports_at_log_steps_and_keeps_patience(
+    tmp_path: Path, data: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """With log_every 3 the host learns of steps 3 and 4 at step 6; their run of 2 still triggers the reload."""
-    cfg = tiny_config(tmp_path, data, **{"steps": 9, "log_every": 3, "faults.nonfinite_patience": 2,
-                                         "faults.inject_nonfinite_steps": "[3,4]", "train.finite_check": "deferred"})
-    with caplog.at_level("WARNING", logger="ssltrain"):
+    cfg = tiny_config(
+        tmp_path, data, **{"steps": 9, "log_every": 3, "faults.nonfinite_patience": 2, "train.finite_check": "deferred"}
+    )
+    with caplog.at_level("WARNING", logger="ssltrain"), nonfinite_at([3, 4]):
         run = train(cfg)
     assert "update skipped (2 in all; 2 of the steps since the last log step)" in caplog.text
     assert "step 5: 2 non-finite steps in a row; reloading the weights of" in caplog.text
@@ -237,7 +267,7 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
         guard = FiniteGuard("deferred", optimizer, torch.device("cpu"))
         before = model[0].weight.detach().clone()
-        guard.apply(_backward(model, poison=rank == 1), model, lambda gate: optimizer.step())  # NaN on rank 1 only
+        apply(guard, _backward(model, poison=rank == 1), model, optimizer)  # NaN on rank 1 only
         moved = not torch.equal(before, model[0].weight)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"moved": moved, "total": guard.total}))
     finally:
@@ -269,7 +299,7 @@ def test_deferred_step_does_not_synchronise_the_host() -> None:
         torch.cuda.set_sync_debug_mode("error")
         try:
             guard.begin_step(model)
-            guard.apply(loss, model, lambda gate: (optimizer.step(), ema_update(teacher, model, 0.9, gate)))
+            apply(guard, loss, model, optimizer, lambda gate: ema_update(teacher, model, 0.9, gate))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert guard.check().total == 1

@@ -15,7 +15,13 @@ from ssltrain.engine.optim import LARS, build_optimizer, lr_at, param_groups, sc
 def test_lars_step_matches_the_formula() -> None:
     w = nn.Parameter(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))  # ||w|| = 5
     b = nn.Parameter(torch.tensor([1.0, -1.0]))
-    opt = LARS([{"params": [w]}, {"params": [b], "weight_decay": 0.0, "exclude": True}], lr=0.1, weight_decay=0.5, momentum=0.9, eta=0.01)
+    opt = LARS(
+        [{"params": [w]}, {"params": [b], "weight_decay": 0.0, "exclude": True}],
+        lr=0.1,
+        weight_decay=0.5,
+        momentum=0.9,
+        eta=0.01,
+    )
     w.grad = torch.tensor([[0.5, 1.0], [0.0, -2.0]])
     b.grad = torch.tensor([2.0, 4.0])
     d = w.grad + 0.5 * w.detach()  # [[2, 1], [0, 0]]; ||d|| = sqrt(5)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -14,6 +15,10 @@ def test_every_package_directory_is_installed() -> None:
     mapping = meta.get("package-dir", {})
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "ssltrain").rglob("__init__.py")}
     for package, directory in mapping.items():
-        found |= {package + "".join("." + part for part in p.parent.relative_to(ROOT / directory).parts)
-                  for p in (ROOT / directory).rglob("__init__.py")}
-    assert found == listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}; stale: {sorted(listed - found)}"
+        found |= {
+            package + "".join("." + part for part in p.parent.relative_to(ROOT / directory).parts)
+            for p in (ROOT / directory).rglob("__init__.py")
+        }
+    assert found == listed, (
+        f"add to [tool.setuptools] packages: {sorted(found - listed)}; stale: {sorted(listed - found)}"
+    )

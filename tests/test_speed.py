@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from ssltrain.config import Config, to_yaml
-from ssltrain.methods import build_method
-from ssltrain.eval.metrics_log import read_metrics
-from ssltrain.engine.profile import PHASES, run_profile
-from ssltrain.engine.speed import channels_last_wanted, use_channels_last
+from ssltrain.engine.benchmark import run_profile
 from ssltrain.engine.loop import train
+from ssltrain.engine.parallelize import channels_last_wanted, use_channels_last
+from ssltrain.engine.profile import PHASES
+from ssltrain.eval.metrics_log import read_metrics
+from ssltrain.methods import build_method
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -47,27 +48,31 @@ def test_channels_last_gives_the_same_outputs_and_gradients(tmp_path: Path, shar
     assert relative_error(method.conv1.weight.grad, converted.conv1.weight.grad) < 5e-3
 
 
-def test_channels_last_auto_is_for_resnets_on_cuda(tmp_path: Path, shard_dir: Path) -> None:
+def test_channels_last_unset_is_for_resnets_on_cuda(tmp_path: Path, shard_dir: Path) -> None:
     resnet = build_method(tiny_config(tmp_path, str(shard_dir)), num_samples=53)
-    vit = build_method(tiny_config(tmp_path, str(shard_dir), **{"model.backbone": "vit_tiny",
-                                                                 "model.patch_size": 8}), num_samples=53)
+    vit = build_method(
+        tiny_config(tmp_path, str(shard_dir), **{"model.backbone": "vit_tiny", "model.patch_size": 8}), num_samples=53
+    )
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert channels_last_wanted("auto", resnet, cuda) and not channels_last_wanted("auto", resnet, cpu)
-    assert channels_last_wanted("True", resnet, cpu) and not channels_last_wanted("False", resnet, cuda)
-    assert not channels_last_wanted("True", vit, cuda)  # nothing to convert
+    assert channels_last_wanted(None, resnet, cuda) and not channels_last_wanted(None, resnet, cpu)
+    assert channels_last_wanted(True, resnet, cpu) and not channels_last_wanted(False, resnet, cuda)
+    assert not channels_last_wanted(True, vit, cuda)  # nothing to convert
 
 
 def test_training_with_channels_last_follows_the_contiguous_run(tmp_path: Path, shard_dir: Path) -> None:
-    runs = {on: train(tiny_config(tmp_path / on, str(shard_dir), steps=3, **{"train.channels_last": on}))
-            for on in ("true", "false")}
+    runs = {
+        on: train(tiny_config(tmp_path / on, str(shard_dir), steps=3, **{"train.channels_last": on}))
+        for on in ("true", "false")
+    }
     assert losses(runs["true"]) == pytest.approx(losses(runs["false"]), rel=1e-3)
 
 
 @pytest.mark.slow
 def test_compiled_backbone_follows_the_eager_loss_trajectory(tmp_path: Path, shard_dir: Path) -> None:
     """~70 s on 2 CPU cores, nearly all of it inductor compiling ResNet-18's forward and backward (needs gcc)."""
-    runs = {c: train(tiny_config(tmp_path / c, str(shard_dir), steps=3, **{"train.compile": c}))
-            for c in ("true", "false")}
+    runs = {
+        c: train(tiny_config(tmp_path / c, str(shard_dir), steps=3, **{"train.compile": c})) for c in ("true", "false")
+    }
     assert losses(runs["true"]) == pytest.approx(losses(runs["false"]), rel=1e-3)
     assert len(losses(runs["true"])) == 3
 
@@ -94,8 +99,25 @@ def test_profile_accounts_for_every_phase_of_the_step(tmp_path: Path, shard_dir:
 def test_profile_on_two_ranks_measures_communication(tmp_path: Path, shard_dir: Path) -> None:
     config = write(tiny_config(tmp_path, str(shard_dir), threads=1), tmp_path / "tiny.yaml")
     out = tmp_path / "profile.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "ssltrain.cli", "bench", "--profile", str(config), "--steps", "2", "--warmup", "1", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "ssltrain.cli",
+        "bench",
+        "--profile",
+        str(config),
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        str(out),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "communication" in done.stdout and "2 ranks" in done.stdout

@@ -25,7 +25,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be used; resuming from scratch silently would lose the run."""
 
 
-
 def complete_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of every complete checkpoint in ``directory``, by step."""
     directory = Path(directory)
@@ -49,8 +48,10 @@ def latest_checkpoint(path: Path) -> Path | None:
 def check_complete(path: Path) -> Path:
     path = Path(path)
     if not (path / MARKER).is_file():
-        raise CheckpointError(f"'{path}' is not a complete checkpoint (no {MARKER} marker): it was being written when "
-                              "the run stopped. Use an earlier step directory, or the run directory to take the latest.")
+        raise CheckpointError(
+            f"'{path}' is not a complete checkpoint (no {MARKER} marker): it was being written when "
+            "the run stopped. Use an earlier step directory, or the run directory to take the latest."
+        )
     return path
 
 
@@ -59,5 +60,6 @@ def read_meta(path: Path) -> dict[str, Any]:
     try:
         return json.loads((path / META_FILE).read_text())
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read '{path / META_FILE}': {err}. Delete '{path}' to resume from the previous "
-                              "checkpoint.") from err
+        raise CheckpointError(
+            f"cannot read '{path / META_FILE}': {err}. Delete '{path}' to resume from the previous checkpoint."
+        ) from err

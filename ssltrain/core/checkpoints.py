@@ -16,7 +16,10 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from ssltrain.core.checkpoint_layout import STEP_DIR, CheckpointError, latest_checkpoint, read_meta
 
 _ALLOWED_GLOBALS = {
-    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
     ("collections", "OrderedDict"),
 }
 
@@ -25,8 +28,11 @@ class _MetadataUnpickler(pickle.Unpickler):
     """Admits DCP's metadata classes, torch dtypes and sizes; anything else in ``.metadata`` is refused."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem") or \
-                (module, name) in _ALLOWED_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        if (
+            module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+            or (module, name) in _ALLOWED_GLOBALS
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        ):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a checkpoint never needs")
 
@@ -43,8 +49,10 @@ class SafeReader(dcp.FileSystemReader):
             raise CheckpointError(f"cannot read '{path}': {err}") from err
         pickled = [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
         if pickled:
-            raise CheckpointError(f"'{path.parent}' holds pickled objects ({pickled[0]}, ...); ssltrain checkpoints hold "
-                                  "tensors only and pickles are not loaded")
+            raise CheckpointError(
+                f"'{path.parent}' holds pickled objects ({pickled[0]}, ...); ssltrain checkpoints hold "
+                "tensors only and pickles are not loaded"
+            )
 
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
@@ -70,8 +78,12 @@ def load_checkpoint(path: Path, parts: tuple[str, ...] = ("model",)) -> dict[str
 
     state: dict[str, Any] = {}
     try:
-        _load_state_dict(state, storage_reader=SafeReader(str(path)),
-                         planner=_EmptyStateDictLoadPlanner(keys=set(parts)), no_dist=True)
+        _load_state_dict(
+            state,
+            storage_reader=SafeReader(str(path)),
+            planner=_EmptyStateDictLoadPlanner(keys=set(parts)),
+            no_dist=True,
+        )
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as err:  # noqa: BLE001 (DCP's CheckpointException is a BaseException)

@@ -15,10 +15,10 @@ Every function is the identity (and costs nothing) when no process group is init
 
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -52,7 +52,8 @@ def _all_gather_rows(x: Tensor, counts: list[int]) -> Tensor:
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """Concatenate every rank's (n_r, ...) tensor along dim 0; backward sums all ranks' gradients of this rank's rows."""
+    """Concatenate every rank's (n_r, ...) tensor along dim 0; backward sums all ranks' gradients of this rank's
+    rows."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]

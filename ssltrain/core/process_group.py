@@ -32,8 +32,9 @@ class DistEnv:
 def _first_slurm_host(nodelist: str) -> str:
     """The first host of a Slurm node list ('node[01-04],gpu7' -> 'node01'): scontrol when present, else parsed."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.split()
         if out:
             return out[0]
     except (OSError, subprocess.SubprocessError):
@@ -49,13 +50,24 @@ def read_env(environ: dict[str, str] | None = None) -> DistEnv:
     """torchrun's variables win; else a Slurm task (srun/submitit without torchrun); else a single process."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+        return DistEnv(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+            "torchrun",
+        )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         job_id = int(env.get("SLURM_JOB_ID", "0"))
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                       env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
-                       int(env.get("MASTER_PORT", 20000 + job_id % 20000)), "slurm")
+        return DistEnv(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            int(env.get("MASTER_PORT", 20000 + job_id % 20000)),
+            "slurm",
+        )
     return DistEnv()
 
 
@@ -84,12 +96,22 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> DistEnv:
     # opens one there.
     init_method = "env://" if env.source == "torchrun" else f"tcp://{env.master_addr}:{env.master_port}"
     dist.init_process_group(
-        backend=backend, init_method=init_method, rank=env.rank,
-        world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s),
+        backend=backend,
+        init_method=init_method,
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
         device_id=torch.device("cuda", env.local_rank) if device.type == "cuda" else None,
     )
-    log.info("rank %d of %d (%s, %s, master %s:%d)", env.rank, env.world_size, env.source, backend,
-             env.master_addr, env.master_port)
+    log.info(
+        "rank %d of %d (%s, %s, master %s:%d)",
+        env.rank,
+        env.world_size,
+        env.source,
+        backend,
+        env.master_addr,
+        env.master_port,
+    )
     return env
 
 

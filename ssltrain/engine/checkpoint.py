@@ -24,9 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import random
-import re
 import shutil
 import warnings
 from concurrent.futures import Future
@@ -40,11 +38,18 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ssltrain.core.checkpoint_layout import (
-    FORMAT, SINGLE_PROCESS_DCP_WARNING, MARKER, META_FILE, STEP_DIR, CheckpointError, complete_checkpoints, latest_checkpoint, read_meta,
+    FORMAT,
+    MARKER,
+    META_FILE,
+    SINGLE_PROCESS_DCP_WARNING,
+    STEP_DIR,
+    CheckpointError,
+    complete_checkpoints,
+    latest_checkpoint,
+    read_meta,
 )
 from ssltrain.core.checkpoints import SafeReader
 from ssltrain.core.collectives import barrier, broadcast_buffers, is_distributed, rank, world_size
@@ -52,8 +57,6 @@ from ssltrain.core.collectives import barrier, broadcast_buffers, is_distributed
 log = logging.getLogger("ssltrain")
 # DCP says so on every single-process save and load; a single process is a supported, intended use here.
 warnings.filterwarnings("ignore", message=SINGLE_PROCESS_DCP_WARNING)
-
-
 
 
 def _fsync_dir(path: Path) -> None:
@@ -76,13 +79,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 # --- RNG states ---------------------------------------------------------------------------------------------------
 
+
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -130,8 +138,11 @@ def _global_rows(local: Tensor, total_rows: int) -> Tensor:
 def _sharded_rows(model: nn.Module) -> dict[str, int]:
     """FQN -> global row count of every parameter ssltrain shards by rows itself."""
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    return {name: int(p.ssltrain_total_rows) for name, p in inner.named_parameters()
-            if getattr(p, "ssltrain_sharded", False)}
+    return {
+        name: int(p.ssltrain_total_rows)
+        for name, p in inner.named_parameters()
+        if getattr(p, "ssltrain_sharded", False)
+    }
 
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -149,7 +160,7 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
         for key, value in osd["state"].get(fqn, {}).items():
             if isinstance(value, Tensor) and value.dim() > 0:
                 osd["state"][fqn][key] = _global_rows(value, total)
-    for fqn, states in osd["state"].items():
+    for states in osd["state"].values():
         for key, value in states.items():
             if not isinstance(value, Tensor):
                 states[key] = torch.tensor(value)  # e.g. a step count kept as a number: stored as a tensor
@@ -163,6 +174,7 @@ def _local(value: Any) -> Any:
 
 
 # --- the checkpointer ------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class _Pending:
@@ -205,8 +217,19 @@ class Checkpointer:
     def latest(self) -> Path | None:
         return latest_checkpoint(self.directory)
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> Path:
-        """Write step ``step`` (every rank calls this); returns its directory, committed unless async."""
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        meta: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write step ``step`` (every rank calls this); returns its directory, committed unless async.
+
+        ``extra`` maps file names to further state this rank writes with ``torch.save`` (tensors, numbers, lists and
+        dicts only: it is loaded with ``weights_only=True``), such as the monitors' state on rank 0.
+        """
         self.wait()
         path = self.directory / f"step-{step}"
         if (path / MARKER).is_file():
@@ -218,6 +241,8 @@ class Checkpointer:
         state, _ = training_state(model, optimizer)
         os.makedirs(path, exist_ok=True)
         torch.save(rng_state(), path / f"rng-rank{rank()}.pt")
+        for name, value in (extra or {}).items():
+            torch.save(value, path / name)
         meta = dict(meta, format=FORMAT, world_size=world_size())
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=str(path), process_group=self._background_group())
@@ -250,7 +275,7 @@ class Checkpointer:
 
     def _prune(self) -> None:
         done = self.complete()
-        recent = {step for step, _ in done[-self.keep:]}
+        recent = {step for step, _ in done[-self.keep :]}
         for step, path in done:
             if step not in recent and not (self.keep_every and step % self.keep_every == 0):
                 (path / MARKER).unlink()  # first un-commit, so a half-deleted directory never counts
@@ -266,14 +291,19 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
         saved = set(reader.read_metadata().state_dict_metadata)
         # A parameter that never had a gradient (frozen at first: DINO's last layer, SwAV's prototypes) has no
         # optimizer state yet; it must stay without one, as in the run that wrote the checkpoint.
-        state["optim"] = {fqn: kept for fqn, states in state["optim"].items()
-                          if (kept := {k: v for k, v in states.items() if f"optim.{fqn}.{k}" in saved})}
+        state["optim"] = {
+            fqn: kept
+            for fqn, states in state["optim"].items()
+            if (kept := {k: v for k, v in states.items() if f"optim.{fqn}.{k}" in saved})
+        }
         dcp.load(state, checkpoint_id=str(path), storage_reader=reader)
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - any failure must name the checkpoint and the way out
-        raise CheckpointError(f"cannot load checkpoint '{path}': {type(err).__name__}: {err}. Delete that directory "
-                              "to resume from the previous one, or start a fresh run (checkpoint.resume=false).") from err
+        raise CheckpointError(
+            f"cannot load checkpoint '{path}': {type(err).__name__}: {err}. Delete that directory "
+            "to resume from the previous one, or start a fresh run (checkpoint.resume=false)."
+        ) from err
     rows = _sharded_rows(model)
     msd = {k: _local(v) for k, v in state["model"].items()}
     optim_state = {fqn: {k: _local(v) for k, v in s.items()} for fqn, s in state["optim"].items()}
@@ -282,16 +312,24 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
         for key, value in optim_state.get(fqn, {}).items():
             if value.dim() > 0:
                 optim_state[fqn][key] = _padded_like(model, fqn, value)
-    set_state_dict(model, optimizer, model_state_dict=msd,
-                   optim_state_dict={"state": optim_state, "param_groups": param_groups},
-                   options=StateDictOptions(strict=False))  # model keys were checked by dcp.load already
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=msd,
+        optim_state_dict={"state": optim_state, "param_groups": param_groups},
+        options=StateDictOptions(strict=False),
+    )  # model keys were checked by dcp.load already
     rng_file = path / f"rng-rank{rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     else:  # more ranks than the run that wrote it: a fresh stream, deterministic in (step, rank)
         torch.manual_seed(int(meta["step"]) * 1_000_003 + rank())
-        log.info("rank %d: no RNG state in %s (saved on %s ranks); seeded from the step", rank(), path,
-                 meta.get("world_size"))
+        log.info(
+            "rank %d: no RNG state in %s (saved on %s ranks); seeded from the step",
+            rank(),
+            path,
+            meta.get("world_size"),
+        )
     return meta
 
 
@@ -301,5 +339,3 @@ def _padded_like(model: nn.Module, fqn: str, rows: Tensor) -> Tensor:
     out = param.detach().clone()
     out[: rows.shape[0]] = rows
     return out
-
-

@@ -21,7 +21,6 @@ remembers them, and a skipped step puts them back (in deferred mode by a ``torch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -34,8 +33,9 @@ from ssltrain.models.ema import copy_where
 
 def _local_grads(model: nn.Module) -> list[Tensor]:
     """Every local gradient (FSDP shards as their local part, DIET rows included)."""
-    return [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-            for p in model.parameters() if p.grad is not None]
+    return [
+        p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters() if p.grad is not None
+    ]
 
 
 def nonfinite_flag(loss: Tensor, model: nn.Module) -> Tensor:
@@ -53,14 +53,35 @@ def nonfinite_flag(loss: Tensor, model: nn.Module) -> Tensor:
 def norm_statistics(model: nn.Module) -> list[Tensor]:
     """The buffers a training forward updates: running mean, variance and count of every BatchNorm-like layer
     (SyncBatchNorm and apex's included; EMA teachers' too, as they are submodules of the method)."""
-    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
-            for b in m.buffers(recurse=False)]
+    return [
+        b for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers(recurse=False)
+    ]
 
 
 def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer.step`` honours a ``found_inf`` tensor: torch's fused Adam/AdamW/SGD, ssltrain's LARS and LAMB."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)
-                or getattr(optimizer, "supports_found_inf", False))
+    """Whether ``optimizer.step`` honours a ``found_inf`` tensor: torch's fused Adam/AdamW/SGD, ssltrain's LARS and
+    LAMB."""
+    return bool(
+        getattr(optimizer, "_step_supports_amp_scaling", False) or getattr(optimizer, "supports_found_inf", False)
+    )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the guard decided about one step's update.
+
+    ``apply`` is False when the host found the step non-finite: the update is not made at all. In deferred mode it is
+    always True and ``found_inf`` (a 0-d tensor, 1.0 for a non-finite step) makes the update skip on the device: the
+    optimizer takes it as GradScaler hands it to fused optimizers, and ``keep`` (``1 - found_inf``) gates the EMA
+    teachers.
+    """
+
+    apply: bool
+    found_inf: Tensor | None = None
+
+    @property
+    def keep(self) -> Tensor | None:
+        return None if self.found_inf is None else 1.0 - self.found_inf
 
 
 @dataclass
@@ -74,12 +95,12 @@ class GuardReport:
 
 
 class FiniteGuard:
-    """Applies an update only when the step is finite on every rank; counts the skipped steps.
+    """Lets an update through only when the step is finite on every rank; counts the skipped steps.
 
     ``begin_step(model)`` (before the forward) remembers the norm layers' running statistics, which a skipped step
-    restores. ``apply(loss, model, update)`` runs ``update(gate)``: the optimizer step and EMA teachers. ``gate`` is None
-    when the host decided (the update is skipped by not calling it) or a 0-d tensor, 1 to keep and 0 to skip,
-    that the update must honour on the device. ``check()`` returns the counts (a host read in deferred mode).
+    restores. ``judge(loss, model)`` (after the backward) returns the :class:`Verdict` that the update honours:
+    skipped outright when the host decided, or gated on the device. ``check()`` returns the counts (a host read in
+    deferred mode).
     """
 
     def __init__(self, mode: str, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
@@ -87,8 +108,9 @@ class FiniteGuard:
             raise ConfigError(
                 f"train.finite_check=deferred needs an optimizer that can skip a step on the device; "
                 f"{type(optimizer).__name__} cannot. Use optim.impl=native (torch's fused AdamW, ssltrain's LARS "
-                f"and LAMB; apex's fused optimizers cannot) or train.finite_check=step")
-        self.mode, self.optimizer = mode, optimizer
+                f"and LAMB; apex's fused optimizers cannot) or train.finite_check=step"
+            )
+        self.mode = mode
         self._total, self._reported = 0, 0
         self._run, self._longest = 0, 0
         self._watched: nn.Module | None = None
@@ -105,8 +127,8 @@ class FiniteGuard:
         elif self._statistics:
             torch._foreach_copy_(self._saved, self._statistics)
 
-    def apply(self, loss: Tensor, model: nn.Module, update: Callable[[Tensor | None], None]) -> None:
-        """Run the update unless the step is not finite (in deferred mode: run it, gated on the device)."""
+    def judge(self, loss: Tensor, model: nn.Module) -> Verdict:
+        """Whether (``step`` mode), or on what device-side condition (``deferred``), this step's update happens."""
         flag = nonfinite_flag(loss, model)
         if self.mode == "step":
             if agree(bool(flag.item() > 0)):
@@ -114,10 +136,9 @@ class FiniteGuard:
                 self._longest = max(self._longest, self._run)
                 if self._statistics:
                     torch._foreach_copy_(self._statistics, self._saved)
-                return
+                return Verdict(apply=False)
             self._run = 0
-            update(None)
-            return
+            return Verdict(apply=True)
         if is_distributed():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # queued on the device; the host goes on
         flag = flag.to(self._counts.device)
@@ -125,11 +146,7 @@ class FiniteGuard:
         run_now = (run + flag) * flag  # consecutive non-finite steps, 0 after a finite one
         self._counts.copy_(torch.stack([total + flag, run_now, torch.maximum(longest, run_now)]))
         copy_where(flag.to(dtype=torch.bool), self._statistics, self._saved)
-        self.optimizer.found_inf = flag
-        try:
-            update(1.0 - flag)
-        finally:
-            del self.optimizer.found_inf
+        return Verdict(apply=True, found_inf=flag)
 
     def check(self) -> GuardReport:
         """The counts so far. In deferred mode this reads the device (a sync): call it at log steps."""

@@ -16,21 +16,23 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from types import ModuleType
-from typing import Iterable
 
 import torch
 from torch import Tensor, nn
 
-from ssltrain.engine.apex_probe import load_apex
 from ssltrain.config import ConfigError, OptimConfig
+from ssltrain.engine.apex_probe import load_apex
 
 log = logging.getLogger("ssltrain")
 
-APEX_MISSING = ("optim.impl=apex, but NVIDIA apex cannot be imported. It ships in the NGC PyTorch containers (the "
-                "Dockerfile builds on one; see docs/docker.md), or build it from https://github.com/NVIDIA/apex with "
-                "its CUDA extensions (the PyPI package named 'apex' is another project). Or set optim.impl=native: "
-                "the same updates through torch's kernels.")
+APEX_MISSING = (
+    "optim.impl=apex, but NVIDIA apex cannot be imported. It ships in the NGC PyTorch containers (the "
+    "Dockerfile builds on one; see docs/docker.md), or build it from https://github.com/NVIDIA/apex with "
+    "its CUDA extensions (the PyPI package named 'apex' is another project). Or set optim.impl=native: "
+    "the same updates through torch's kernels."
+)
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -65,8 +67,14 @@ def _scaled(updates: list[Tensor], ratios: list[Tensor]) -> list[Tensor]:
     return torch._foreach_mul(updates, ratios)
 
 
-def _momentum_step(optimizer: torch.optim.Optimizer, params: list[Tensor], updates: list[Tensor], momentum: float,
-                   lr: float, keep: Tensor | None = None) -> None:
+def _momentum_step(
+    optimizer: torch.optim.Optimizer,
+    params: list[Tensor],
+    updates: list[Tensor],
+    momentum: float,
+    lr: float,
+    keep: Tensor | None = None,
+) -> None:
     """``buf = momentum * buf + u`` (``buf = u`` on a parameter's first step), ``w -= lr * buf``, as torch's SGD.
 
     ``keep`` (0-d, 1 or 0) makes the whole update conditional on the device: with 0 every buffer and weight keeps
@@ -117,13 +125,15 @@ class LARS(_MultiTensorOptimizer):
     Parameter groups with ``exclude=True`` skip weight decay and the trust ratio (plain momentum SGD). Each group
     is updated with multi-tensor kernels: a ResNet-50 step is about ten kernel launches instead of ~1,600.
 
-    A ``found_inf`` attribute (a 0-d tensor, set by ssltrain/engine/guard.py under ``train.finite_check=deferred``) skips
+    A ``found_inf`` attribute (a 0-d tensor, set by :func:`optimizer_step` under ``train.finite_check=deferred``) skips
     the step on the device: non-finite gradients are zeroed first, then every write is scaled by ``1 - found_inf``.
     """
 
     supports_found_inf = True
 
-    def __init__(self, params: Iterable, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.001) -> None:
+    def __init__(
+        self, params: Iterable, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.001
+    ) -> None:
         if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1 or eta <= 0:
             raise ValueError(f"LARS: invalid lr={lr}, weight_decay={weight_decay}, momentum={momentum}, eta={eta}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, exclude=False))
@@ -154,8 +164,14 @@ class LAMB(_MultiTensorOptimizer):
 
     supports_found_inf = True
 
-    def __init__(self, params: Iterable, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+    ) -> None:
         if lr < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas) or eps <= 0:
             raise ValueError(f"LAMB: invalid lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
@@ -184,7 +200,7 @@ class LAMB(_MultiTensorOptimizer):
             torch._foreach_mul_(v, beta2)
             torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
             steps = [float(self.state[p]["step"]) for p in params]
-            corrections1, corrections2 = [1 - beta1 ** s for s in steps], [1 - beta2 ** s for s in steps]
+            corrections1, corrections2 = [1 - beta1**s for s in steps], [1 - beta2**s for s in steps]
         else:  # the same moments, then kept or not on the device: new * keep + old * (1 - keep), exact for 0 and 1
             moved_m = torch._foreach_lerp(m, grads, 1 - beta1)
             moved_v = torch._foreach_mul(v, beta2)
@@ -196,8 +212,8 @@ class LAMB(_MultiTensorOptimizer):
             # In float64 as the host's Python floats are; a first step that was skipped leaves the count at 0, and
             # the clamp keeps 0 / 0 out of the (then discarded) update.
             steps = torch.stack([self.state[p]["step"] for p in params]).double().clamp_min(1)
-            corrections1 = list((1 - beta1 ** steps).float().unbind())
-            corrections2 = list((1 - beta2 ** steps).float().unbind())
+            corrections1 = list((1 - beta1**steps).float().unbind())
+            corrections2 = list((1 - beta2**steps).float().unbind())
         m_hat = torch._foreach_div(m, corrections1)
         denom = torch._foreach_sqrt(torch._foreach_div(v, corrections2))
         torch._foreach_add_(denom, group["eps"])
@@ -227,11 +243,15 @@ def resolve_impl(cfg: OptimConfig, params: list[Tensor]) -> str:
         raise ConfigError(APEX_MISSING)
     if not plain_cuda:
         where = "FSDP-sharded (DTensors)" if any(_is_dtensor(p) for p in params) else f"on {params[0].device}"
-        raise ConfigError(f"optim.impl=apex: apex's fused optimizers take plain CUDA tensors, and these parameters "
-                          f"are {where}; set optim.impl=native or auto")
+        raise ConfigError(
+            f"optim.impl=apex: apex's fused optimizers take plain CUDA tensors, and these parameters "
+            f"are {where}; set optim.impl=native or auto"
+        )
     if cfg.name == "lars":
-        log.info("optim.impl=apex: apex has no fused LARS (its LARC is a per-parameter Python loop with another "
-                 "trust ratio); using ssltrain's multi-tensor LARS")
+        log.info(
+            "optim.impl=apex: apex has no fused LARS (its LARC is a per-parameter Python loop with another "
+            "trust ratio); using ssltrain's multi-tensor LARS"
+        )
         return "native"
     return "apex"
 
@@ -248,18 +268,25 @@ def _apex_optimizer(kind: str, groups: list[dict], cfg: OptimConfig, lr: float) 
 
     Fused.__name__ = Fused.__qualname__ = f"Apex{base.__name__}"
     if kind == "adamw":
-        return Fused(groups, lr=lr, betas=tuple(cfg.betas), eps=1e-8, weight_decay=cfg.weight_decay,
-                     adam_w_mode=True)
-    return Fused(groups, lr=lr, betas=tuple(cfg.betas), eps=1e-6, weight_decay=cfg.weight_decay, adam_w_mode=True,
-                 grad_averaging=True, max_grad_norm=float("inf"), use_nvlamb=False)
+        return Fused(groups, lr=lr, betas=tuple(cfg.betas), eps=1e-8, weight_decay=cfg.weight_decay, adam_w_mode=True)
+    return Fused(
+        groups,
+        lr=lr,
+        betas=tuple(cfg.betas),
+        eps=1e-6,
+        weight_decay=cfg.weight_decay,
+        adam_w_mode=True,
+        grad_averaging=True,
+        max_grad_norm=float("inf"),
+        use_nvlamb=False,
+    )
 
 
 def param_groups(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
-    """Split trainable parameters into (decayed/adapted, excluded): excluded are biases and norm weights (1-D).
-    The online probe's parameters are in neither: :func:`build_optimizer` gives them a group of their own."""
+    """Split trainable parameters into (decayed/adapted, excluded): excluded are biases and norm weights (1-D)."""
     regular, excluded = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad and not name.startswith("online_probe."):
+    for p in model.parameters():
+        if p.requires_grad:
             (excluded if p.ndim <= 1 else regular).append(p)
     return regular, excluded
 
@@ -283,23 +310,15 @@ def _by_sharding(groups: list[dict]) -> list[dict]:
     return out
 
 
-def _probe_group(model: nn.Module, cfg: OptimConfig, peak_lr: float, probe_lr: float) -> list[dict]:
-    """The online probe's group: no weight decay, no LARS adaptation, its own peak rate on the same schedule."""
-    probe = getattr(model, "online_probe", None)
-    if probe is None:
-        return []
-    probe_lr = probe_lr or (0.1 if cfg.name == "lars" else 1e-3)
-    return [{"params": list(probe.parameters()), "weight_decay": 0.0, "exclude": True, "lr_scale": probe_lr / peak_lr}]
-
-
 def _by_lr_scale(model: nn.Module, groups: list[dict]) -> list[dict]:
     """Split each group by the method's learning-rate multipliers (``Method.lr_scales``: parameter-name prefix ->
     scale); a scaled part gets ``lr_scale``, which :func:`set_lr` applies on the common schedule."""
     scales = model.lr_scales() if hasattr(model, "lr_scales") else {}
     if not scales:
         return groups
-    scale_of = {id(p): s for name, p in model.named_parameters() for prefix, s in scales.items()
-                if name.startswith(prefix)}
+    scale_of = {
+        id(p): s for name, p in model.named_parameters() for prefix, s in scales.items() if name.startswith(prefix)
+    }
     out = []
     for group in groups:
         by_scale: dict[float, list[Tensor]] = {}
@@ -310,24 +329,22 @@ def _by_lr_scale(model: nn.Module, groups: list[dict]) -> list[dict]:
     return out
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int, probe_lr: float = 0.0) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> torch.optim.Optimizer:
     regular, excluded = param_groups(model)
     lr = scaled_lr(cfg, global_batch)
-    probe = _probe_group(model, cfg, lr, probe_lr)
     if cfg.name == "lars":
         resolve_impl(cfg, regular + excluded)  # optim.impl=apex without apex is still an error
         groups = _by_sharding([{"params": regular}, {"params": excluded, "weight_decay": 0.0, "exclude": True}])
         groups = _by_lr_scale(model, groups)
-        return LARS(groups + probe, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, eta=cfg.eta)
+        return LARS(groups, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, eta=cfg.eta)
     if cfg.name not in ("adamw", "lamb"):
         raise ValueError(f"unknown optimizer '{cfg.name}'; choose lars, adamw or lamb")
     groups = _by_lr_scale(model, _by_sharding([{"params": regular}, {"params": excluded, "weight_decay": 0.0}]))
-    groups += [{k: v for k, v in g.items() if k != "exclude"} for g in probe]
     if resolve_impl(cfg, [p for g in groups for p in g["params"]]) == "apex":
         return _apex_optimizer(cfg.name, groups, cfg, lr)
     if cfg.name == "lamb":
         return LAMB(groups, lr=lr, betas=tuple(cfg.betas), eps=1e-6, weight_decay=cfg.weight_decay)
-    # The fused kernel (CPU and CUDA) is 4x faster than the per-tensor loop for ResNet-18 on 2 CPU cores.
+    # The fused kernel (CPU and CUDA) rather than the per-tensor loop: see docs/results.md for the measured gain.
     return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), fused=True)
 
 
@@ -342,7 +359,23 @@ def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int, min_lr
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the scheduled rate; a group with ``lr_scale`` (the online probe's, BYOL's predictor) follows the schedule
+    """Set the scheduled rate; a group with ``lr_scale`` (BYOL's predictor) follows the schedule
     at its own peak."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, found_inf: Tensor | None = None) -> None:
+    """``optimizer.step()``, skipped on the device where ``found_inf`` is 1 (the guard's deferred mode).
+
+    The flag travels as an attribute because that is how torch's GradScaler hands it to the fused optimizers, which
+    read it in ``step``; LARS and LAMB here read it the same way. It is set for this call only.
+    """
+    if found_inf is None:
+        optimizer.step()
+        return
+    optimizer.found_inf = found_inf  # type: ignore[attr-defined]
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf  # type: ignore[attr-defined]

@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Callable
 from types import FrameType
-from typing import Any, Callable
+from typing import Any
+
+from ssltrain.data.signals import SCHEDULER_SIGNALS
 
 log = logging.getLogger("ssltrain")
 
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+STOP_SIGNALS = SCHEDULER_SIGNALS  # loader workers and decoders leave these to the main process (data/signals.py)
 
 
 class StopRequest:
@@ -33,7 +36,7 @@ class StopRequest:
             self.received = signal.Signals(signum)
             log.warning("received %s: checkpointing at the end of this step, then stopping", self.received.name)
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         for sig in self.signals:
             try:
                 self._previous[sig] = signal.signal(sig, self._record)

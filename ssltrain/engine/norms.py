@@ -1,0 +1,38 @@
+"""The L2 norm of all parameters or all gradients of a model, as one process holding the whole model would compute
+it: FSDP's DTensor shards and ssltrain's own row-sharded parameters (DIET's head) are summed over ranks, replicated
+tensors count once. Clipping by a norm that left out other ranks' rows would scale the ranks differently."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ssltrain.core.collectives import is_distributed
+
+
+def total_norm(params: Iterable[nn.Parameter], of_grads: bool) -> Tensor:
+    """The norm of the parameters' gradients (``of_grads``; parameters without one are left out) or of their values;
+    a 0-d float32 tensor on their device. Collective when a process group is up."""
+    tensors = [(p, p.grad if of_grads else p.detach()) for p in params]
+    tensors = [(p, t) for p, t in tensors if t is not None]
+    if not tensors:
+        return torch.zeros(())
+    if not is_distributed():
+        return torch.nn.utils.get_total_norm([t for _, t in tensors], foreach=True)
+    dtensors = [t for _, t in tensors if hasattr(t, "full_tensor")]
+    sharded = [t for p, t in tensors if not hasattr(t, "full_tensor") and getattr(p, "ssltrain_sharded", False)]
+    replicated = [t for p, t in tensors if not hasattr(t, "full_tensor") and not getattr(p, "ssltrain_sharded", False)]
+    device = tensors[0][1].device
+    squares = torch.zeros((), device=device)
+    if dtensors:
+        squares = squares + torch.nn.utils.get_total_norm(dtensors, foreach=True).full_tensor().square()
+    if sharded:
+        rows = torch.nn.utils.get_total_norm(sharded, foreach=True).square()
+        dist.all_reduce(rows)
+        squares = squares + rows
+    if replicated:
+        squares = squares + torch.nn.utils.get_total_norm(replicated, foreach=True).square()
+    return squares.sqrt()

@@ -1,0 +1,274 @@
+"""A training run: everything built from the config, and its state as one object that checkpoints save and load.
+
+Everything that decides what the next step computes (model, teachers, optimizer, step, data position, RNG, the
+monitors' own state) is in the checkpoint, and the data order and augmentations are functions of (seed, position),
+so a resumed run continues exactly as if it had never stopped, on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssltrain.config import Config, ConfigError, config_diff, from_yaml_text, to_yaml
+from ssltrain.core.checkpoint_layout import CheckpointError, read_meta
+from ssltrain.core.collectives import agree, all_reduce_sum, barrier
+from ssltrain.core.device import resolve_device
+from ssltrain.core.process_group import DistEnv, init_distributed
+from ssltrain.data.loaders import Views, build_train_loader
+from ssltrain.data.record import SampleRecord
+from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
+from ssltrain.engine.checkpoint import Checkpointer, load_training_state
+from ssltrain.engine.guard import FiniteGuard
+from ssltrain.engine.optim import build_optimizer, lr_at, scaled_lr
+from ssltrain.engine.parallelize import parallelize
+from ssltrain.engine.profile import time_model_calls
+from ssltrain.eval.hardware import write_hardware
+from ssltrain.eval.metrics_log import require_wandb
+from ssltrain.methods import Method, build_method
+from ssltrain.monitors import Monitor, MonitorContext, build_monitors
+
+log = logging.getLogger("ssltrain")
+
+MONITORS_FILE = "monitors.pt"  # the monitors' state in a checkpoint directory (rank 0's; they are replicated)
+
+
+@dataclass
+class Run:
+    """The objects of one training run and the counters that move with it (``step``, skipped samples)."""
+
+    cfg: Config
+    env: DistEnv
+    device: torch.device
+    catalog: ShardCatalog
+    model: Method  # the Method: hooks (schedules, EMA teachers) are called on it
+    wrapped: nn.Module  # what forward and backward go through (DDP / FSDP2 / the model itself)
+    optimizer: torch.optim.Optimizer
+    guard: FiniteGuard
+    checkpointer: Checkpointer
+    monitors: list[Monitor]
+    step: int = 0  # optimizer steps done
+    data_skipped: int = 0  # corrupt or unreadable samples this rank skipped
+    time_s: float = 0.0  # wall-clock seconds the run trained before this process started (from the checkpoint)
+    started: float = field(default_factory=time.perf_counter)  # when this process built the run
+    sample_record: SampleRecord | None = field(default=None, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    @property
+    def dir(self) -> Path:
+        return self.cfg.run_dir
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step, over all ranks and micro-batches."""
+        return self.cfg.data.batch_size
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples of one pass over the data: whole micro-batches of it (the sampler drops the remainder)."""
+        micro_batch = self.global_batch // self.cfg.optim.accumulate
+        return (len(self.catalog) // micro_batch) * micro_batch
+
+    @property
+    def peak_lr(self) -> float:
+        return scaled_lr(self.cfg.optim, self.global_batch)
+
+    def lr_at(self, step: int) -> float:
+        o = self.cfg.optim
+        return lr_at(step, self.cfg.steps, self.peak_lr, o.warmup_steps, o.min_lr_ratio)
+
+    def batches(self, last_step: int) -> Iterator[Views]:
+        """This rank's micro-batches from the current step's data position up to ``last_step``'s."""
+        sampler = GlobalBatchSampler(
+            len(self.catalog),
+            self.global_batch // self.cfg.optim.accumulate,
+            self.cfg.seed,
+            start=self.step * self.global_batch,
+            end=last_step * self.global_batch,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            shuffle=self.cfg.data.shuffle,
+        )
+        return iter(build_train_loader(self.cfg, self.catalog, sampler, self.device))
+
+    # --- the run's state -------------------------------------------------------------------------------------------
+
+    def elapsed_s(self) -> float:
+        """Wall-clock seconds of training so far, over every process that worked on the run."""
+        return self.time_s + time.perf_counter() - self.started
+
+    def meta(self) -> dict[str, Any]:
+        """What a checkpoint records beside the tensors (collective: the skipped-sample count is summed over ranks)."""
+        return {
+            "step": self.step,
+            "data_position": self.step * self.global_batch,
+            "data_samples": len(self.catalog),
+            "data_skipped": int(all_reduce_sum(torch.tensor(self.data_skipped)).item()),
+            "nonfinite_steps": self.guard.total,
+            "time_s": self.elapsed_s(),
+            "config": to_yaml(self.cfg),
+        }
+
+    def save(self) -> None:
+        """Checkpoint this step (collective). A model that is not finite is never written: the previous stays."""
+        if not _finite_params(self.model):
+            log.error("step %d: parameters are not finite; checkpoint not written (the previous one stays)", self.step)
+            return
+        monitors = {m.name: m.state_dict() for m in self.monitors}
+        extra = {MONITORS_FILE: monitors} if self.is_main and any(monitors.values()) else {}
+        self.checkpointer.save(self.step, self.wrapped, self.optimizer, self.meta(), extra)
+
+    def load(self, path: Path) -> None:
+        """Continue from checkpoint ``path``: tensors, RNG, counters and the monitors' state."""
+        meta = load_training_state(path, self.wrapped, self.optimizer)
+        self.step = int(meta["step"])
+        self.data_skipped = int(meta["data_skipped"]) if self.is_main else 0
+        self.guard.load(int(meta.get("nonfinite_steps", 0)))
+        self.time_s, self.started = float(meta.get("time_s", 0.0)), time.perf_counter()
+        if (path / MONITORS_FILE).is_file():
+            states = torch.load(path / MONITORS_FILE, weights_only=True)
+            for monitor in self.monitors:
+                if monitor.name in states:
+                    monitor.load_state_dict(states[monitor.name])
+        _check_resumable(self, path, meta)
+
+    def reload_weights(self, path: Path) -> None:
+        """Put back the model and optimizer of ``path``, keeping the step and data position (after a run of
+        non-finite steps: the data goes on from here)."""
+        load_training_state(path, self.wrapped, self.optimizer)
+        self.guard.reset_run()
+
+    def close(self) -> None:
+        if self.sample_record is not None:
+            self.sample_record.close()
+
+
+def build_run(cfg: Config) -> Run:
+    """Build every object of the run from ``cfg`` (collective under torchrun/Slurm) and resume it from its latest
+    complete checkpoint unless ``checkpoint.resume`` is off."""
+    device = resolve_device(cfg.device)
+    env = init_distributed(device, cfg.dist.timeout_s)
+    if device.type == "cuda" and env.world_size > 1:
+        device = torch.device("cuda", env.local_rank)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    catalog = ShardCatalog.from_spec(cfg.data.train, "data.train")
+    cfg = _resolved(cfg, catalog)
+    micro_batch = cfg.data.batch_size // cfg.optim.accumulate
+    if micro_batch % env.world_size:
+        raise ConfigError(
+            f"data.batch_size {cfg.data.batch_size} / optim.accumulate {cfg.optim.accumulate} = "
+            f"{micro_batch} samples per micro-batch is not divisible by the {env.world_size} ranks; "
+            "change data.batch_size"
+        )
+    if cfg.log.wandb:
+        require_wandb()
+    model = build_method(cfg, num_samples=len(catalog)).to(device)
+    wrapped = parallelize(model, cfg, device)
+    time_model_calls(model)  # `ssltrain bench --profile`: forward vs loss
+    optimizer = build_optimizer(model, cfg.optim, cfg.data.batch_size)
+    num_classes = cfg.eval.online_linear_classes
+    monitors = build_monitors(MonitorContext(cfg, device, model, wrapped, env.rank == 0, num_classes))
+    # Everything that can fail on the config or the data has been built: only now does the run directory appear.
+    if env.rank == 0:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        write_hardware(cfg.run_dir)
+    barrier()
+    checkpointer = Checkpointer(
+        cfg.run_dir / "checkpoints",
+        keep=cfg.checkpoint.keep,
+        keep_every=cfg.checkpoint.keep_every,
+        async_save=cfg.checkpoint.async_save,
+    )
+    run = Run(
+        cfg,
+        env,
+        device,
+        catalog,
+        model,
+        wrapped,
+        optimizer,
+        FiniteGuard(cfg.train.finite_check, optimizer, device),
+        checkpointer,
+        monitors,
+    )
+    latest = checkpointer.latest() if cfg.checkpoint.resume else None
+    if latest is not None:
+        _check_same_model(cfg, latest)
+        run.load(latest)
+    if cfg.data.record_samples:
+        run.sample_record = SampleRecord(cfg.run_dir, env.rank, catalog.keys)
+    return run
+
+
+def _resolved(cfg: Config, catalog: ShardCatalog) -> Config:
+    """The config with what is read from the data filled in (saved with the run, so eval rebuilds the same)."""
+    if cfg.eval.online_linear and cfg.eval.online_linear_classes < 1:
+        cfg = copy.deepcopy(cfg)
+        cfg.eval.online_linear_classes = int(catalog.labels().max()) + 1
+    return cfg
+
+
+MODEL_KEYS = ("method.name", "model.backbone", "model.patch_size", "model.small_stem")  # what makes another model
+
+
+def _check_same_model(cfg: Config, path: Path) -> None:
+    """Refuse to resume a checkpoint of another model: the run would go on under the old run's name with weights
+    that were never trained for this method, or fail deep inside the loader on mismatched shapes."""
+    saved = from_yaml_text(read_meta(path)["config"], str(path))
+    changed = [
+        f"{key} {_get(saved, key)!r} -> {_get(cfg, key)!r}" for key in MODEL_KEYS if _get(saved, key) != _get(cfg, key)
+    ]
+    if changed:
+        raise ConfigError(
+            f"run directory '{cfg.run_dir}' holds checkpoints of another model ({', '.join(changed)}); "
+            f"start a new run under another name (name=NEW) or out_dir, or delete '{path.parent}'"
+        )
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _check_resumable(run: Run, path: Path, meta: dict[str, Any]) -> None:
+    """A checkpoint from another global batch would change the data order: refuse. Other changes are reported."""
+    if meta["data_position"] != run.step * run.global_batch:
+        raise CheckpointError(
+            f"checkpoint '{path}' was made with global batch {meta['data_position'] // max(run.step, 1)}, "
+            f"this config has {run.global_batch}: resuming would change the data order; keep data.batch_size"
+        )
+    if meta["data_samples"] != len(run.catalog):
+        log.warning(
+            "the data changed since %s (%d -> %d samples): the sample order from here on differs from "
+            "the run that wrote it",
+            path,
+            meta["data_samples"],
+            len(run.catalog),
+        )
+    changed = config_diff(from_yaml_text(meta["config"], str(path)), run.cfg)
+    if changed and run.is_main:
+        log.warning("resuming %s with a changed config: %s", path, "; ".join(changed))
+    log.info(
+        "resumed from %s (step %d, written on %s ranks, now %d)", path, run.step, meta["world_size"], run.env.world_size
+    )
+
+
+def _finite_params(model: nn.Module) -> bool:
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    return agree(not all(bool(torch.isfinite(p).all()) for p in local)) is False
