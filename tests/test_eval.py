@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -224,6 +226,27 @@ def test_eval_without_probe_data_or_checkpoint(shard_dir: Path, tmp_path: Path) 
         evaluate_run(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         evaluate_run(tmp_path / "missing")
+
+
+def test_eval_log_names_the_backbone_each_extraction_is_of(shard_dir: Path, tmp_path: Path) -> None:
+    """`ssltrain eval` in its own process: every feature line says whether it is the SSL or the random-init
+    backbone, extracting and (on the second call) reading the cache alike."""
+    run = train(tiny_config(tmp_path, str(shard_dir), steps=2))
+    cmd = [sys.executable, "-m", "ssltrain.cli", "eval", str(run), "--probe", "knn", "--knn-k", "3", "--no-report"]
+    cmd += ["--train-data", str(shard_dir), "--val-data", str(shard_dir)]
+    for kind in ("extract", "cache"):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = [line for line in proc.stderr.splitlines() if "features of" in line]
+        assert lines and all("SSL backbone, step 2: " in line or "random-init backbone" in line for line in lines), (
+            kind,
+            lines,
+        )
+        for label in ("SSL backbone, step 2: ", "random-init backbone (seed 0): "):
+            for split in ("(train", "(val"):
+                assert any(label in line and split in line for line in lines), (kind, label, split, lines)
+        if kind == "cache":
+            assert all("read from" in line for line in lines), lines
 
 
 @pytest.mark.slow

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,36 @@ def ssltrain_backbone(run: Path) -> torch.nn.Module:
     return method.backbone.eval()
 
 
+# Appended to backbone.json's snippet: the model it built holds the exported tensors, and ssltrain was never imported.
+SNIPPET_CHECK = """
+import sys
+import safetensors.torch
+import torch
+reference = torch.load('backbone.pt', weights_only=True) if __import__('os').path.exists('backbone.pt') else None
+reference = reference or safetensors.torch.load_file('backbone.safetensors')
+state = model.state_dict()
+assert state.keys() == reference.keys() and all(torch.equal(state[k], v) for k, v in reference.items())
+assert not [m for m in sys.modules if m.split('.')[0] == 'ssltrain'], 'the snippet imported ssltrain'
+print('loaded', len(state), 'tensors')
+"""
+
+
+def run_load_snippet(out: Path) -> None:
+    """Run backbone.json's ``load`` snippet as a user would paste it: a fresh ``python -c`` in the export directory."""
+    card = json.loads((out / "backbone.json").read_text())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", card["load"] + "\n" + SNIPPET_CHECK],
+        cwd=out,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"the load snippet failed:\n{card['load']}\n{proc.stderr[-2000:]}"
+    assert proc.stdout.startswith("loaded "), proc.stdout
+
+
 def test_resnet_export_loads_into_torchvision(shard_dir: Path, tmp_path: Path) -> None:
     run = train(
         tiny_config(tmp_path, str(shard_dir), steps=2, **{"method.name": "byol", "method.byol.predictor": "[32,64]"})
@@ -40,6 +73,7 @@ def test_resnet_export_loads_into_torchvision(shard_dir: Path, tmp_path: Path) -
     assert all(torch.equal(from_pt[k], v) for k, v in model.state_dict().items())
     x = torch.randn(3, 3, 16, 16)
     torch.testing.assert_close(model.eval()(x), ssltrain_backbone(run)(x), rtol=0, atol=0)
+    run_load_snippet(tmp_path / "out")
 
 
 def test_vit_export_loads_into_timm(shard_dir: Path, tmp_path: Path) -> None:
@@ -57,6 +91,7 @@ def test_vit_export_loads_into_timm(shard_dir: Path, tmp_path: Path) -> None:
     model.load_state_dict(load_file(tmp_path / "out/backbone.safetensors"))
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(model.eval()(x), ssltrain_backbone(run)(x), rtol=0, atol=0)
+    run_load_snippet(tmp_path / "out")  # safetensors only: the snippet's first choice
 
 
 def test_export_of_a_run_without_checkpoints_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

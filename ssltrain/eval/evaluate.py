@@ -36,6 +36,7 @@ from ssltrain.eval.knn import knn_sweep, num_classes_of
 from ssltrain.eval.linear import linear_probe_sweep
 from ssltrain.eval.metrics_log import MetricsLog
 from ssltrain.eval.representation import collapse_warnings, embedding_monitors, spectrum
+from ssltrain.eval.verdict import below_random
 from ssltrain.methods import Method, build_method
 
 log = logging.getLogger("ssltrain")
@@ -322,14 +323,17 @@ def evaluate_target(target: EvalTarget, opts: EvalOptions | None = None, log_met
     results: dict[str, Any] = {}
     monitors: dict[str, dict[str, float]] = {}
     spectra: dict[str, dict[str, list[float]]] = {}
-    backbones = [("ssl", trained, f"step-{target.step}")]
+    backbones = [("ssl", trained, f"step-{target.step}", f"SSL backbone, step {target.step}")]
     if random_init is not None:
-        backbones.append(("random", random_init, "random"))
-    for name, model, tag in backbones:
+        backbones.append(("random", random_init, "random", f"random-init backbone (seed {cfg.seed})"))
+    for name, model, tag, label in backbones:
         model.to(device)
         fingerprint = model_fingerprint(model.backbone)
-        train_fs = extract_features(model, train_set, transform, tag=tag, split="train", fingerprint=fingerprint, **kw)
-        val_fs = extract_features(model, val_set, transform, tag=tag, split="val", fingerprint=fingerprint, **kw)
+        kw.update(tag=tag, fingerprint=fingerprint, label=label)
+        train_fs = extract_features(model, train_set, transform, split="train", **kw)
+        val_fs = extract_features(model, val_set, transform, split="val", **kw)
+        if rank == 0 and opts.probes:
+            log.info("%s: probing (%s)", label, ", ".join(opts.probes))
         if rank == 0:
             res = run_probes(train_fs, val_fs, opts.probes, cfg, opts, device) if opts.probes else {}
             res.update(
@@ -348,6 +352,8 @@ def evaluate_target(target: EvalTarget, opts: EvalOptions | None = None, log_met
             warnings += collapse_warnings(monitors["ssl"], prefix, rankme_min, std_min, len(spectra["ssl"][kind]) + 1)
     for w in warnings:
         log.warning("step %d: %s", target.step, w)
+    for w in below_random(results, target.step):
+        log.warning("%s", w)
     out = target.out_dir
     out.mkdir(parents=True, exist_ok=True)
     summary = {

@@ -22,10 +22,15 @@ FORMATS = ("safetensors", "torch")
 
 
 def model_card(cfg: Config, step: int, feature_dim: int) -> dict[str, Any]:
-    """How to rebuild the stock model the exported weights load into (strict=True)."""
+    """How to rebuild the stock model the exported weights load into (strict=True). ``load`` is a snippet that runs
+    as is, from the export directory, in a Python that has never imported ssltrain."""
     name = cfg.model.backbone
     if name.startswith("resnet"):
-        code = ["import torch, torchvision", f"model = torchvision.models.{name}()", "model.fc = torch.nn.Identity()"]
+        code = [
+            "import safetensors.torch, torch, torchvision",
+            f"model = torchvision.models.{name}()",
+            "model.fc = torch.nn.Identity()",
+        ]
         if cfg.model.small_stem:
             code += ["model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)", "model.maxpool = torch.nn.Identity()"]
         library = "torchvision"
@@ -37,7 +42,7 @@ def model_card(cfg: Config, step: int, feature_dim: int) -> dict[str, Any]:
         }[name]
         size = cfg.augment.global_crops.size
         code = [
-            "import timm",
+            "import safetensors.torch, timm, torch",
             f"model = timm.create_model('{timm_name}', pretrained=False, num_classes=0, "
             f"img_size={size}, patch_size={cfg.model.patch_size}, dynamic_img_size=True)",
         ]

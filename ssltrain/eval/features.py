@@ -264,14 +264,16 @@ def extract_features(
     limit: int | None = None,
     precision: str = "auto",
     fingerprint: str | None = None,
+    label: str | None = None,
 ) -> FeatureSet:
     """Features of ``catalog`` (or ``limit`` evenly spaced samples of it) under ``model.features`` (a Method) or
     ``model(images)`` (any module), from ``cache_dir/<tag>-<split>-<key>.pt`` when present.
 
     ``require_labels``: unlabeled shards are a DataError before any work (the probes' case); the report's
     spectrum passes False. Unreadable samples are skipped, counted and logged. ``fingerprint`` saves re-hashing
-    weights the caller already hashed. Every rank of an initialised process group must call this with the same
-    arguments; each gets the full set.
+    weights the caller already hashed. ``label`` names the network in the log lines ("SSL backbone, step N",
+    "random-init backbone"), which otherwise read alike for both. Every rank of an initialised process group must
+    call this with the same arguments; each gets the full set.
     """
     if require_labels and not catalog.has_labels:
         raise DataError(
@@ -280,6 +282,7 @@ def extract_features(
         )
     device = device or resolve_device("auto")
     this_rank, world = rank(), world_size()
+    who = f"{label}: " if label else ""
     ids = subset_ids(len(catalog), limit)
     path = None
     if cache_dir is not None:
@@ -292,9 +295,19 @@ def extract_features(
     if hit is not None:
         hit.seconds = time.perf_counter() - start
         if this_rank == 0:
-            log.info("features of '%s' (%d samples) read from %s in %.2fs", catalog.spec, len(hit), path, hit.seconds)
+            log.info(
+                "%sfeatures of '%s' (%s, %d samples) read from %s in %.2fs",
+                who,
+                catalog.spec,
+                split,
+                len(hit),
+                path,
+                hit.seconds,
+            )
         return hit
 
+    if this_rank == 0:
+        log.info("%sextracting features of '%s' (%s, %d samples)", who, catalog.spec, split, len(ids))
     mine = ids[len(ids) * this_rank // world : len(ids) * (this_rank + 1) // world]
     x, y, index, skipped = _extract_share(model, catalog, mine, transform, batch_size, workers, device, precision)
     if world > 1:
@@ -311,8 +324,10 @@ def extract_features(
     if this_rank == 0:
         rate, ranks = len(ids) / max(fs.seconds, 1e-9), f"{world} rank{'s' if world > 1 else ''}"
         log.info(
-            "features of '%s': %d x %d in %.1fs (%.0f images/s on %s, %s)",
+            "%sfeatures of '%s' (%s): %d x %d in %.1fs (%.0f images/s on %s, %s)",
+            who,
             catalog.spec,
+            split,
             *fs.x.shape,
             fs.seconds,
             rate,

@@ -19,21 +19,27 @@ from matplotlib.figure import Figure
 __all__ = ["Plot", "plot_all", "training_records", "series"]
 
 # Keys of training records that are not loss terms (the training loop's own bookkeeping); add new loop keys here.
+# Any key holding only integers (a counter) is left out of the loss panel too, listed here or not: loss terms are
+# floats.
 NON_LOSS = {
     "step",
     "epoch",
+    "time_s",
     "lr",
     "img_per_s",
     "data_wait_s",
     "data_skipped",
+    "data_shards_skipped",
     "nonfinite_steps",
     "grad_norm",
+    "weight_norm",
     "weight_decay",
     "momentum",
     "teacher_temperature",
     "mem_gb",
     "max_mem_gb",
 }
+NORMS = ("grad_norm", "weight_norm")
 MONITOR_PREFIXES = ("emb_", "feat_")
 ONLINE_PREFIX = "online_"
 DPI = 100
@@ -124,16 +130,64 @@ def _line_panels(
     return _save(fig, out)
 
 
-def plot_loss(train: Sequence[dict[str, Any]], out_dir: Path) -> Plot:
+def loss_keys(train: Sequence[dict[str, Any]]) -> list[str]:
+    """The loss and its terms: numeric keys that are neither the loop's bookkeeping, nor monitors, nor counters
+    (keys holding only integers), the total first."""
+
+    def counter(key: str) -> bool:
+        values = [r[key] for r in train if _number(r.get(key)) is not None]
+        return all(isinstance(v, int) for v in values)
+
     keys = [
         k
         for k in numeric_keys(train)
-        if k not in NON_LOSS and not k.startswith(MONITOR_PREFIXES) and not k.startswith(ONLINE_PREFIX)
+        if k not in NON_LOSS and not k.startswith((*MONITOR_PREFIXES, ONLINE_PREFIX)) and not counter(k)
     ]
-    keys = sorted(keys, key=lambda k: (k != "loss", k))  # the total first
+    return sorted(keys, key=lambda k: (k != "loss", k))
+
+
+def plot_loss(train: Sequence[dict[str, Any]], out_dir: Path) -> Plot:
+    keys = loss_keys(train)
     if not keys:
         return Plot("loss", "Loss terms", None, "no training records with a loss in metrics.jsonl")
     return Plot("loss", "Loss terms", _line_panels(train, keys, out_dir / "loss.png", "Loss and its terms"))
+
+
+def _time_unit(seconds: float) -> tuple[float, str]:
+    if seconds >= 3 * 3600:
+        return 3600.0, "hours"
+    return (60.0, "minutes") if seconds >= 3 * 60 else (1.0, "seconds")
+
+
+def plot_loss_time(train: Sequence[dict[str, Any]], out_dir: Path) -> Plot:
+    """The loss against wall-clock time (``time_s``: seconds since the run started, resumes included): what a
+    change of speed bought, which a loss-per-step curve hides."""
+    title = "Loss over wall-clock time"
+    points = [
+        (t, v)
+        for r in train
+        if (t := _number(r.get("time_s"))) is not None and (v := _number(r.get("loss"))) is not None
+    ]
+    if not points:
+        return Plot("loss_time", title, None, "no time_s with a loss in metrics.jsonl (written by newer trainers)")
+    scale, unit = _time_unit(max(t for t, _ in points))
+    fig, (ax,) = _figure(1, width=6.0, height=3.6)
+    ax.plot([t / scale for t, _ in points], [v for _, v in points], marker="." if len(points) < 30 else None)
+    ax.set_xlabel(f"wall-clock time since the start ({unit}, resumes included)")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return Plot("loss_time", title, _save(fig, out_dir / "loss_time.png"))
+
+
+def plot_norms(train: Sequence[dict[str, Any]], out_dir: Path) -> Plot:
+    """Gradient norm (before clipping) and weight norm over steps: spikes, a vanishing gradient, weights that grow
+    without bound."""
+    title = "Gradient and weight norms"
+    keys = [k for k in NORMS if series(train, k)[0]]
+    if not keys:
+        return Plot("norms", title, None, "no grad_norm or weight_norm in metrics.jsonl (written by newer trainers)")
+    return Plot("norms", title, _line_panels(train, keys, out_dir / "norms.png", title, logy=["grad_norm"]))
 
 
 def plot_lr(train: Sequence[dict[str, Any]], out_dir: Path) -> Plot:
@@ -171,29 +225,97 @@ def plot_monitors(train: Sequence[dict[str, Any]], out_dir: Path, thresholds: di
     )
 
 
-def plot_probes(records: Sequence[dict[str, Any]], out_dir: Path) -> Plot:
-    """Online probe keys (``online_*`` in training records) and offline eval records over steps, one line per
-    (probe, backbone, k)."""
-    train = training_records(records)
-    online = [k for k in numeric_keys(train) if k.startswith(ONLINE_PREFIX)]
-    lines: dict[str, tuple[list[float], list[float]]] = {}
-    for r in sorted((r for r in records if r.get("eval") in ("knn", "linear")), key=lambda r: r.get("step", 0)):
+PROBE_TITLE = "Probes over steps"
+
+
+def eval_top1(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[float, float]]]:
+    """{probe label: {backbone: {step: top-1}}} of the offline eval records (``ssltrain eval``), kNN by k then
+    linear; an eval repeated at a step keeps its last figure."""
+    out: dict[str, dict[str, dict[float, float]]] = {}
+    for r in records:
         top1, step = _number(r.get("top1")), _number(r.get("step"))
-        if top1 is None or step is None:
+        if r.get("eval") not in ("knn", "linear") or top1 is None or step is None:
             continue
-        label = f"{r['eval']}" + (f" k={r['k']}" if "k" in r else "") + f" ({r.get('backbone', 'ssl')})"
-        xs, ys = lines.setdefault(label, ([], []))
-        xs.append(step)
-        ys.append(top1)
-    if not online and not lines:
+        label = f"kNN k={r['k']}" if r["eval"] == "knn" else "linear"
+        out.setdefault(label, {}).setdefault(str(r.get("backbone", "ssl")), {})[step] = top1
+
+    def order(label: str) -> tuple[int, int]:
+        return (0, int(label.split("=")[1])) if label.startswith("kNN") else (1, 0)
+
+    return {label: out[label] for label in sorted(out, key=order) if out[label].get("ssl")}
+
+
+def _last(values: dict[float, float]) -> float | None:
+    return values[max(values)] if values else None
+
+
+def _probe_bars(ax: Any, evals: dict[str, dict[str, dict[float, float]]], step: float) -> None:
+    """One eval: a bar of SSL top-1 per probe with its figure, the random-init figure as a dashed line across it."""
+    labels = list(evals)
+    ssl = [evals[p]["ssl"][step] for p in labels]
+    bars = ax.bar(range(len(labels)), ssl, width=0.6, color="tab:blue", label=f"SSL (step {step:g})")
+    ax.bar_label(bars, labels=[f"{v:.3f}" for v in ssl], padding=2, fontsize=8)
+    first = True
+    for i, p in enumerate(labels):
+        base = _last(evals[p].get("random", {}))
+        if base is None:
+            continue
+        ax.hlines(
+            base,
+            i - 0.42,
+            i + 0.42,
+            colors="black",
+            linestyles="--",
+            linewidth=2,
+            label="random init" if first else "_nolegend_",
+        )
+        ax.annotate(
+            f"random {base:.3f}",
+            (i, base),
+            xytext=(0, -4),
+            textcoords="offset points",
+            ha="center",
+            va="top",
+            fontsize=7,
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1, "alpha": 0.85},
+        )
+        first = False
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlim(-0.6, len(labels) - 0.3)
+    ax.set_title(f"offline probes at step {step:g} (ssltrain eval), top-1", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def _probe_lines(ax: Any, evals: dict[str, dict[str, dict[float, float]]]) -> None:
+    """Several evals: SSL top-1 over steps, one colour per probe; random init as a dashed line of that colour."""
+    for i, (label, by_backbone) in enumerate(evals.items()):
+        colour = f"C{i % 10}"
+        points = sorted(by_backbone["ssl"].items())
+        ax.plot(*zip(*points), marker="o", color=colour, label=f"{label} (SSL)")
+        base = _last(by_backbone.get("random", {}))
+        if base is not None:
+            ax.axhline(base, color=colour, linestyle="--", linewidth=1, alpha=0.8)
+    if any("random" in b for b in evals.values()):
+        ax.plot([], [], color="gray", linestyle="--", label="random init (same colour)")
+    ax.set_title("offline probes (ssltrain eval), top-1", fontsize=10)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def plot_probes(records: Sequence[dict[str, Any]], out_dir: Path) -> Plot:
+    """Online probes (``online_*`` in training records) over steps, and the offline evals: bars when there is one
+    eval, lines over steps when there are several, the random-init backbone as a dashed reference line."""
+    train = training_records(records)
+    online = [k for k in numeric_keys(train) if k.startswith(ONLINE_PREFIX) and k.endswith(("top1", "top5"))]
+    evals = eval_top1(records)
+    if not online and not evals:
         return Plot(
             "probes",
-            "Probes over steps",
+            PROBE_TITLE,
             None,
             "no online probe (online_*) or eval records in metrics.jsonl: run `ssltrain eval` to add some",
         )
-    panels = (1 if online else 0) + (1 if lines else 0)
-    fig, axes = _figure(panels, width=6.0, height=3.6, max_cols=2)
+    fig, axes = _figure((1 if online else 0) + (1 if evals else 0), width=6.0, height=3.8, max_cols=2)
     ax_iter = iter(axes)
     if online:
         ax = next(ax_iter)
@@ -202,19 +324,25 @@ def plot_probes(records: Sequence[dict[str, Any]], out_dir: Path) -> Plot:
             ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=k)
         ax.set_title("online probes (training loop)", fontsize=10)
         ax.set_xlabel("step")
+        ax.set_ylim(0, 1.05)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    if lines:
+    note = ""
+    if evals:
         ax = next(ax_iter)
-        for label, (xs, ys) in sorted(lines.items()):
-            ax.plot(xs, ys, marker="o", linestyle="--" if "(random)" in label else "-", label=label)
-        ax.set_title("offline probes (ssltrain eval), top-1", fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.suptitle("Probe accuracy over steps")
-    return Plot("probes", "Probes over steps", _save(fig, out_dir / "probes.png"))
+        steps = {s for b in evals.values() for s in b["ssl"]}
+        if len(steps) == 1:
+            _probe_bars(ax, evals, steps.pop())
+            note = "Offline probes: SSL top-1 as bars, the random-init backbone as a dashed line across each bar."
+        else:
+            _probe_lines(ax, evals)
+            note = "Offline probes: SSL top-1 over steps, the random-init backbone as a dashed line of the same colour."
+        top = max(v for b in evals.values() for values in b.values() for v in values.values())
+        ax.set_ylim(0, min(1.05, max(0.1, 1.15 * top)))
+        ax.set_ylabel("top-1")
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("Probe accuracy")
+    return Plot("probes", PROBE_TITLE, _save(fig, out_dir / "probes.png"), note)
 
 
 def plot_spectrum(spec: dict[str, Any] | None, out_dir: Path) -> Plot:
@@ -256,7 +384,9 @@ def plot_all(
     train = training_records(records)
     plots = [
         plot_loss(train, out_dir),
+        plot_loss_time(train, out_dir),
         plot_lr(train, out_dir),
+        plot_norms(train, out_dir),
         plot_throughput(train, out_dir),
         plot_monitors(train, out_dir, thresholds),
         plot_probes(records, out_dir),

@@ -1,12 +1,13 @@
 """``ssltrain report RUN_DIR``: ``runs/<name>/report.md`` with PNG plots in ``runs/<name>/plots/``.
 
-Everything comes from what the run directory already holds: ``metrics.jsonl`` (loss terms, lr, throughput,
-monitors, online and offline probe records), ``config.yaml``, ``eval.json`` (the final probe table),
-``spectrum.json`` (written by ``ssltrain eval``) and ``hardware.json`` (written by the trainer at start). The one thing
-the report may compute is the spectrum at the last checkpoint, when ``spectrum.json`` is missing or belongs to
-an older checkpoint: it extracts features of up to ``spectrum_images`` samples of eval.val (else data.train;
-labels are not needed), cached like every other feature set. The report can be regenerated at any time, also
-while the run trains.
+Everything comes from what the run directory already holds: ``metrics.jsonl`` (loss terms, lr, gradient and
+weight norms, wall-clock time, throughput, counters, monitors, online and offline probe records), ``config.yaml``,
+``eval.json`` (the final probe table), ``spectrum.json`` (written by ``ssltrain eval``) and ``hardware.json``
+(written by the trainer at start). The one thing the report may compute is the spectrum at the last checkpoint,
+when ``spectrum.json`` is missing or belongs to an older checkpoint: it extracts features of up to
+``spectrum_images`` samples of eval.val (else data.train; labels are not needed), cached like every other feature
+set. The report can be regenerated at any time, also while the run trains. Warnings come first, and the worst of
+them first: probes below the random-init backbone's.
 """
 
 from __future__ import annotations
@@ -21,12 +22,20 @@ from typing import TYPE_CHECKING, Any
 from ssltrain.eval.hardware import HARDWARE_FILE, hardware_info, write_hardware
 from ssltrain.eval.metrics_log import read_metrics
 from ssltrain.eval.representation import collapse_warnings
+from ssltrain.eval.verdict import below_random
 
 if TYPE_CHECKING:  # plots imports matplotlib: only when a report is written
     from ssltrain.config import Config
     from ssltrain.eval.plots import Plot
 
 log = logging.getLogger("ssltrain")
+
+# The loop's cumulative counters of work it could not do, shown in the summary: (key, what it counts).
+COUNTERS = (
+    ("data_skipped", "samples skipped (unreadable)"),
+    ("data_shards_skipped", "shards skipped (unreadable)"),
+    ("nonfinite_steps", "steps skipped (non-finite loss or gradients)"),
+)
 
 __all__ = ["compute_spectrum", "write_hardware", "write_report"]  # write_hardware: the trainer's, at start
 
@@ -59,6 +68,7 @@ def compute_spectrum(run_dir: Path, images: int = 1024) -> dict[str, Any] | None
         require_labels=False,
         limit=images,
         precision=cfg.precision,
+        label=f"SSL backbone, step {target.step}",
     )
     monitors, spectra = representation_stats(model, fs, images, device)
     out = {
@@ -82,6 +92,10 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _same_path(a: Any, b: Path | None) -> bool:
     return a is not None and b is not None and Path(str(a)).resolve() == Path(b).resolve()
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def _fmt(v: Any) -> str:
@@ -163,7 +177,29 @@ def _spectrum(run_dir: Path, latest: Path | None, compute: bool, images: int) ->
     return spec, note
 
 
-def _summary(cfg: Config, train: list[dict[str, Any]], latest: Path | None) -> list[str]:
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min {secs:02d} s" if hours else f"{minutes} min {secs:02d} s"
+
+
+def _machine(hardware: dict[str, Any] | None) -> str | None:
+    """One line for the summary: the GPUs (or the CPU) and the torch / CUDA versions of ``hardware.json``."""
+    if not hardware:
+        return None
+    gpus = hardware.get("gpus") or []
+    if gpus:
+        names = sorted(set(map(str, gpus)))
+        where = ", ".join(f"{sum(g == n for g in map(str, gpus))} x {n}" for n in names)
+    else:
+        where = f"CPU only ({hardware.get('cpu', '?')}, {hardware.get('cpus_usable', '?')} cores usable)"
+    versions = f"torch {hardware.get('torch', '?')}" + (f", CUDA {hardware['cuda']}" if hardware.get("cuda") else "")
+    return f"{where}; {versions}"
+
+
+def _summary(
+    cfg: Config, train: list[dict[str, Any]], latest: Path | None, hardware: dict[str, Any] | None
+) -> list[str]:
     md = [
         "## Summary",
         "",
@@ -175,22 +211,36 @@ def _summary(cfg: Config, train: list[dict[str, Any]], latest: Path | None) -> l
         f"| global batch | {cfg.data.batch_size} |",
         f"| last checkpoint | `{latest}` |" if latest else "| last checkpoint | none |",
     ]
+    machine = _machine(hardware)
+    if machine:
+        md.append(f"| trained on | {machine} |")
     if train:
-        md.append(f"| last loss | {_fmt(train[-1].get('loss'))} |")
+        last = train[-1]
+        md.append(f"| last loss | {_fmt(last.get('loss'))} |")
+        elapsed = _number(last.get("time_s"))
+        if elapsed is not None:
+            md.append(f"| training time | {_duration(elapsed)} (wall clock to step {last['step']}, resumes included) |")
         rates = [float(r["img_per_s"]) for r in train if isinstance(r.get("img_per_s"), (int, float))]
         if rates:
             md.append(f"| throughput (median) | {sorted(rates)[len(rates) // 2]:.0f} images/s |")
+        for key, what in COUNTERS:
+            value = _number(last.get(key))
+            if value is not None:
+                md.append(f"| {what} | {value:.0f} (`{key}`) |")
     return [*md, ""]
 
 
 def _warnings(records: list[dict[str, Any]], ev: dict[str, Any] | None, cfg: Config) -> list[str]:
+    """The report's first section: probes below the random-init backbone's first, then collapse warnings."""
     rankme_min, std_min = cfg.eval.collapse_rankme, cfg.eval.collapse_std
-    warnings = _training_warnings(records, rankme_min, std_min, cfg.data.batch_size)
+    warnings = below_random(ev, ev.get("step")) if ev else []
+    warnings += _training_warnings(records, rankme_min, std_min, cfg.data.batch_size)
     if ev:
         warnings += [f"eval at step {ev.get('step')}: {w}" for w in ev.get("warnings", [])]
     none = (
         f"None (thresholds: RankMe {rankme_min:g}, capped at half the batch's rank bound; normalised std "
-        f"{std_min:g}; `eval.collapse_rankme`, `eval.collapse_std`)."
+        f"{std_min:g}; `eval.collapse_rankme`, `eval.collapse_std`"
+        + ("; every probe is above the random-init backbone's)." if ev and "random" in ev else ").")
     )
     return ["## Warnings", "", *([f"- **{w}**" for w in warnings] if warnings else [none]), ""]
 
@@ -212,7 +262,12 @@ def _plots(plots: list[Plot], spectrum_note: str) -> list[str]:
     md = ["## Plots", ""]
     for p in plots:
         md += [f"### {p.title}", ""]
-        md.append(f"![{p.title}](plots/{p.path.name})" if p.path is not None else f"_Skipped: {p.note}._")
+        if p.path is None:
+            md.append(f"_Skipped: {p.note}._")
+        else:
+            md.append(f"![{p.title}](plots/{p.path.name})")
+            if p.note:
+                md += ["", p.note]
         if p.name == "spectrum" and spectrum_note:
             md += ["", f"_{spectrum_note}_"]
         md.append("")
@@ -246,8 +301,9 @@ def write_report(run_dir: Path, compute_spectrum_if_missing: bool = True, spectr
 
     now = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     md = [f"# Run report: {cfg.name}", "", f"Generated {now} by `ssltrain report {run_dir}`.", ""]
-    md += _summary(cfg, train, latest) + _warnings(records, ev, cfg) + _probes(ev, latest, run_dir)
-    md += _plots(plots, spectrum_note) + _hardware(_read_json(run_dir / HARDWARE_FILE))
+    hardware = _read_json(run_dir / HARDWARE_FILE)
+    md += _warnings(records, ev, cfg) + _summary(cfg, train, latest, hardware) + _probes(ev, latest, run_dir)
+    md += _plots(plots, spectrum_note) + _hardware(hardware)
     md += ["## Resolved config", "", "```yaml", (run_dir / "config.yaml").read_text().rstrip(), "```", ""]
     path = run_dir / "report.md"
     tmp = run_dir / ".report.md.tmp"
