@@ -4,10 +4,15 @@ rather than after hours in the queue."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from typing import NoReturn
 
-from ssltrain.config import load_config
+from ssltrain.config import Config, load_config, to_yaml
 from ssltrain.launch import local, slurm
+from ssltrain.launch.preflight import preflight
+
+log = logging.getLogger("ssltrain")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -20,9 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     launch = subparsers.add_parser("launch", help="run training on Slurm (submitit, requeue) or under torchrun")
     sub = launch.add_subparsers(dest="launcher", required=True)
 
-    s = sub.add_parser("slurm", help="submit to Slurm: one task per GPU, requeued on timeout and preemption",
-                       description="Submit a training job through submitit. The job checkpoints and requeues itself "
-                                   "on the pre-deadline USR2 signal and resumes from the latest checkpoint.")
+    s = sub.add_parser(
+        "slurm",
+        help="submit to Slurm: one task per GPU, requeued on timeout and preemption",
+        description="Submit a training job through submitit. The job checkpoints and requeues itself "
+        "on the pre-deadline USR2 signal and resumes from the latest checkpoint.",
+    )
     _add_config_args(s)
     s.add_argument("--nodes", type=int, default=1)
     s.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (0: CPU-only)")
@@ -34,16 +42,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--account")
     s.add_argument("--qos")
     s.add_argument("--constraint")
-    s.add_argument("--signal-delay-s", type=int, default=120,
-                   help="USR2 this many seconds before the limit: one step plus a checkpoint must fit (default 120)")
+    s.add_argument(
+        "--signal-delay-s",
+        type=int,
+        default=120,
+        help="USR2 this many seconds before the limit: one step plus a checkpoint must fit (default 120)",
+    )
     s.add_argument("--max-requeues", type=int, default=10, help="requeues after time-outs (default 10)")
-    s.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
-    s.add_argument("--wait", action="store_true", help="block until the job ends (through requeues); exit 1 unless it completed")
+    s.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything, print the sbatch script and the config; submit nothing",
+    )
+    s.add_argument(
+        "--wait", action="store_true", help="block until the job ends (through requeues); exit 1 unless it completed"
+    )
     s.set_defaults(func=cmd_slurm)
 
-    t = sub.add_parser("local", help="torchrun on this machine (or one node of a multi-node run)",
-                       description="Runs python -m torch.distributed.run ... -m ssltrain.cli train CONFIG [overrides]; "
-                                   "exits with its exit code.")
+    t = sub.add_parser(
+        "local",
+        help="torchrun on this machine (or one node of a multi-node run)",
+        description="Runs python -m torch.distributed.run ... -m ssltrain.cli train CONFIG [overrides]; "
+        "exits with its exit code.",
+    )
     _add_config_args(t)
     t.add_argument("--nproc", type=int, required=True, help="processes (ranks) on this node, e.g. the GPU count")
     t.add_argument("--nnodes", type=int, default=1)
@@ -57,25 +78,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _spec(args: argparse.Namespace) -> slurm.SlurmSpec:
     try:
-        minutes = slurm.parse_time(args.time)
-    except ValueError as err:
+        return slurm.SlurmSpec(
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            tasks_per_node=args.tasks_per_node,
+            cpus_per_task=args.cpus_per_task,
+            mem_gb=args.mem_gb,
+            partition=args.partition,
+            time_min=slurm.parse_time(args.time),
+            account=args.account,
+            qos=args.qos,
+            constraint=args.constraint,
+            signal_delay_s=args.signal_delay_s,
+            max_requeues=args.max_requeues,
+        )
+    except ValueError as err:  # a --time sbatch would not take, or one the signal delay does not fit in
         _fail(args, str(err))
-    return slurm.SlurmSpec(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
-                           cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, partition=args.partition,
-                           time_min=minutes, account=args.account, qos=args.qos, constraint=args.constraint,
-                           signal_delay_s=args.signal_delay_s, max_requeues=args.max_requeues)
 
 
-def _fail(args: argparse.Namespace, message: str, code: int = 2) -> None:
+def _checked(args: argparse.Namespace, world_size: int) -> Config:
+    """The config, checked against ``world_size`` ranks, the data and the run directory; its warnings printed."""
+    cfg = load_config(args.config, args.overrides)
+    for warning in preflight(cfg, world_size):
+        log.warning(warning)
+    return cfg
+
+
+def _fail(args: argparse.Namespace, message: str, code: int = 2) -> NoReturn:
     print(f"ssltrain launch {args.launcher}: error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 
 def cmd_slurm(args: argparse.Namespace) -> None:
-    cfg = slurm.resolve(load_config(args.config, args.overrides))
     spec = _spec(args)
+    cfg = slurm.resolve(_checked(args, spec.world_size))
     if args.dry_run:
         print(slurm.sbatch_script(cfg, spec))
+        print("# the config the job runs (out_dir and data paths made absolute for the compute nodes):")
+        print("\n".join(f"# {line}" for line in to_yaml(cfg).splitlines()))
         return
     try:
         job = slurm.submit(cfg, spec)
@@ -92,11 +132,21 @@ def cmd_slurm(args: argparse.Namespace) -> None:
 
 
 def cmd_local(args: argparse.Namespace) -> None:
-    load_config(args.config, args.overrides)  # fail before starting N processes
+    if args.nproc < 1 or args.nnodes < 1:
+        _fail(args, f"--nproc and --nnodes must be positive, got {args.nproc} and {args.nnodes}")
+    _checked(args, args.nproc * args.nnodes)  # fail here, in one line, rather than in each of N processes
     try:
-        cmd = local.torchrun_command(args.config, args.overrides, args.nproc, args.nnodes, args.node_rank,
-                                     args.master_addr, args.master_port, args.rdzv_endpoint,
-                                     max_restarts=args.max_restarts)
+        cmd = local.torchrun_command(
+            args.config,
+            args.overrides,
+            args.nproc,
+            args.nnodes,
+            args.node_rank,
+            args.master_addr,
+            args.master_port,
+            args.rdzv_endpoint,
+            max_restarts=args.max_restarts,
+        )
     except ValueError as err:
         _fail(args, str(err))
     code = local.run(cmd)

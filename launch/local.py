@@ -12,9 +12,18 @@ import sys
 from collections.abc import Sequence
 
 
-def torchrun_command(config: str, overrides: Sequence[str], nproc: int, nnodes: int = 1, node_rank: int | None = None,
-                     master_addr: str | None = None, master_port: int | None = None,
-                     rdzv_endpoint: str | None = None, rdzv_id: str = "ssltrain", max_restarts: int = 0) -> list[str]:
+def torchrun_command(
+    config: str,
+    overrides: Sequence[str],
+    nproc: int,
+    nnodes: int = 1,
+    node_rank: int | None = None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str = "ssltrain",
+    max_restarts: int = 0,
+) -> list[str]:
     """The ``python -m torch.distributed.run ...`` command line.
 
     One node: ``--standalone`` (torchrun picks a free port, so two local runs do not collide). Several nodes: either a

@@ -29,10 +29,21 @@ from ssltrain.config import Config, from_yaml_text, to_yaml
 log = logging.getLogger("ssltrain")
 
 # Slurm job states after which the job will not run again (squeue/scontrol spell them like this).
-TERMINAL_STATES = frozenset({
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-    "PREEMPTED", "REVOKED", "SPECIAL_EXIT",
-})
+TERMINAL_STATES = frozenset(
+    {
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "PREEMPTED",
+        "REVOKED",
+        "SPECIAL_EXIT",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +62,20 @@ class SlurmSpec:
     constraint: str | None = None
     signal_delay_s: int = 120  # USR2 this long before the time limit: room for one step plus a checkpoint write
     max_requeues: int = 10  # timeouts after which submitit stops requeueing (preemptions do not count)
+
+    def __post_init__(self) -> None:
+        if self.time_min * 60 <= self.signal_delay_s:
+            raise ValueError(
+                f"--time {self.time_min} min is not longer than --signal-delay-s {self.signal_delay_s}: Slurm would "
+                "signal the job as it starts, and it would requeue itself without training; give a longer --time or "
+                "a shorter --signal-delay-s"
+            )
+        if min(self.nodes, self.ntasks_per_node) < 1:
+            raise ValueError(f"--nodes and --tasks-per-node must be positive, got {self.nodes}, {self.ntasks_per_node}")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ntasks_per_node
 
     @property
     def ntasks_per_node(self) -> int:
@@ -71,16 +96,31 @@ def parse_time(value: str | int) -> int:
         parts += [0] * (3 - len(parts))
         seconds = ((int(days) * 24 + parts[0]) * 60 + parts[1]) * 60 + parts[2]
     else:  # M, M:S, H:M:S
-        seconds = parts[0] * 60 if len(parts) == 1 else (parts[0] * 60 + parts[1] if len(parts) == 2 else
-                                                         (parts[0] * 60 + parts[1]) * 60 + parts[2])
+        seconds = (
+            parts[0] * 60
+            if len(parts) == 1
+            else (parts[0] * 60 + parts[1] if len(parts) == 2 else (parts[0] * 60 + parts[1]) * 60 + parts[2])
+        )
     if seconds <= 0:
         raise ValueError(f"time {text!r} must be positive")
     return -(-seconds // 60)
 
 
+def absolute_spec(spec: str) -> str:
+    """A shard spec (paths, globs, brace ranges, comma-separated) with every relative part made absolute against
+    this directory; patterns are kept as patterns."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    return ",".join(
+        p if "://" in p else os.path.normpath(os.path.join(os.getcwd(), os.path.expanduser(p))) for p in parts
+    )
+
+
 def resolve(cfg: Config) -> Config:
-    """A copy with an absolute ``out_dir``: the job's working directory on the compute node may differ."""
-    return dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir).expanduser().resolve()))
+    """A copy with an absolute ``out_dir`` and absolute data paths: the job's working directory on the compute node
+    may differ from the login shell's."""
+    data = dataclasses.replace(cfg.data, train=absolute_spec(cfg.data.train))
+    evals = dataclasses.replace(cfg.eval, train=absolute_spec(cfg.eval.train), val=absolute_spec(cfg.eval.val))
+    return dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir).expanduser().resolve()), data=data, eval=evals)
 
 
 def log_folder(cfg: Config) -> Path:
@@ -100,9 +140,15 @@ def slurm_parameters(cfg: Config, spec: SlurmSpec) -> dict[str, Any]:
         # One rank dying must end the step: the others would wait in a collective until the time limit.
         "srun_args": ["--kill-on-bad-exit=1"],
     }
-    optional = {"gpus_per_node": spec.gpus_per_node or None, "cpus_per_task": spec.cpus_per_task,
-                "partition": spec.partition, "account": spec.account, "qos": spec.qos, "constraint": spec.constraint,
-                "mem": None if spec.mem_gb is None else _mem(spec.mem_gb)}
+    optional = {
+        "gpus_per_node": spec.gpus_per_node or None,
+        "cpus_per_task": spec.cpus_per_task,
+        "partition": spec.partition,
+        "account": spec.account,
+        "qos": spec.qos,
+        "constraint": spec.constraint,
+        "mem": None if spec.mem_gb is None else _mem(spec.mem_gb),
+    }
     params.update({k: v for k, v in optional.items() if v is not None})
     return params
 
@@ -133,9 +179,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.config_yaml = config_yaml
 
     def __call__(self) -> dict[str, Any]:
+        from ssltrain.core.logs import setup_logging
+        from ssltrain.core.process_group import explain_timeouts
         from ssltrain.engine.loop import train  # imported in the job, not at submission: keeps the login side light
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
         cfg = from_yaml_text(self.config_yaml, "the submitted config")
         env = submitit.JobEnvironment()
         # A requeued job keeps its id, so a result file left by the killed run would make submitit's Job.done()
@@ -143,14 +190,25 @@ class TrainJob(submitit.helpers.Checkpointable):
         env.paths.result_pickle.unlink(missing_ok=True)
         # overwrite: Slurm copies the submitting shell's environment, which may hold another job's MASTER_PORT.
         dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        log.info("slurm job %s restart %s: rank %d of %d (local %d) on %s, master %s:%d", env.job_id,
-                 os.environ.get("SLURM_RESTART_COUNT", "0"), dist_env.rank, dist_env.world_size, dist_env.local_rank,
-                 env.hostname, dist_env.master_addr, dist_env.master_port)
-        run_dir = train(cfg)
+        setup_logging(dist_env.rank)
+        log.info(
+            "slurm job %s restart %s: rank %d of %d (local %d) on %s, master %s:%d",
+            env.job_id,
+            os.environ.get("SLURM_RESTART_COUNT", "0"),
+            dist_env.rank,
+            dist_env.world_size,
+            dist_env.local_rank,
+            env.hostname,
+            dist_env.master_addr,
+            dist_env.master_port,
+        )
+        with explain_timeouts(cfg.dist.timeout_s):
+            run_dir = train(cfg)
         step = latest_step(run_dir)
         if step < cfg.steps:
-            log.warning("training stopped at step %d of %d (signal); the next start of this job resumes there",
-                        step, cfg.steps)
+            log.warning(
+                "training stopped at step %d of %d (signal); the next start of this job resumes there", step, cfg.steps
+            )
         return {"run_dir": str(run_dir), "step": step, "steps": cfg.steps, "finished": step >= cfg.steps}
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:

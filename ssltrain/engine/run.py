@@ -18,8 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssltrain.config import Config, ConfigError, config_diff, from_yaml_text, to_yaml
-from ssltrain.core.checkpoint_layout import CheckpointError, read_meta
+from ssltrain.config import (
+    Config,
+    ConfigError,
+    check_same_model,
+    check_world_size,
+    config_diff,
+    from_yaml_text,
+    to_yaml,
+)
+from ssltrain.core.checkpoint_layout import CheckpointError, CheckpointWriteError, read_meta
 from ssltrain.core.collectives import agree, all_reduce_sum, barrier
 from ssltrain.core.device import resolve_device
 from ssltrain.core.process_group import DistEnv, init_distributed
@@ -27,7 +35,7 @@ from ssltrain.data.loaders import Views, build_train_loader
 from ssltrain.data.record import SampleRecord
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
 from ssltrain.engine.checkpoint import Checkpointer, load_training_state
-from ssltrain.engine.guard import FiniteGuard
+from ssltrain.engine.guard import FiniteGuard, any_nonfinite, local_tensors
 from ssltrain.engine.optim import build_optimizer, lr_at, scaled_lr
 from ssltrain.engine.parallelize import parallelize
 from ssltrain.engine.profile import time_model_calls
@@ -121,33 +129,86 @@ class Run:
         }
 
     def save(self) -> None:
-        """Checkpoint this step (collective). A model that is not finite is never written: the previous stays."""
-        if not _finite_params(self.model):
-            log.error("step %d: parameters are not finite; checkpoint not written (the previous one stays)", self.step)
+        """Checkpoint this step (collective). Parameters or an optimizer state that are not finite are never written:
+        the previous checkpoint stays. At the run's last step that is an error (CheckpointWriteError), as is a write
+        that fails at any step: a run without its final checkpoint must not end as if it had succeeded."""
+        if not _finite_params(self.model, self.optimizer):
+            if self.step >= self.cfg.steps:
+                latest = self.checkpointer.latest()
+                again = f"resume from '{latest}', the last complete checkpoint," if latest else "start again"
+                raise CheckpointWriteError(
+                    f"step {self.step}: the final checkpoint was not written: the parameters or the optimizer state "
+                    f"are not finite; {again} with a lower optim.lr or a longer optim.warmup_steps"
+                )
+            log.error(
+                "step %d: parameters or optimizer state not finite; checkpoint not written (the previous one stays)",
+                self.step,
+            )
             return
         monitors = {m.name: m.state_dict() for m in self.monitors}
         extra = {MONITORS_FILE: monitors} if self.is_main and any(monitors.values()) else {}
         self.checkpointer.save(self.step, self.wrapped, self.optimizer, self.meta(), extra)
 
     def load(self, path: Path) -> None:
-        """Continue from checkpoint ``path``: tensors, RNG, counters and the monitors' state."""
-        meta = load_training_state(path, self.wrapped, self.optimizer)
+        """Continue from checkpoint ``path``: tensors, RNG, counters and the monitors' state (collective).
+
+        A checkpoint that fails its checksums or cannot be loaded is an error, unless ``checkpoint.fallback`` is on:
+        then the newest earlier complete checkpoint that loads is taken, and each one that did not is moved aside to
+        ``step-<N>.corrupt`` (kept for inspection; otherwise the run would write that step again next to it)."""
+
+        def load_all(candidate: Path) -> dict[str, Any]:
+            meta = load_training_state(candidate, self.wrapped, self.optimizer)
+            if (candidate / MONITORS_FILE).is_file():
+                try:
+                    states = torch.load(candidate / MONITORS_FILE, weights_only=True)
+                except Exception as err:  # noqa: BLE001 - any failure must name the file
+                    raise CheckpointError(f"cannot load '{candidate / MONITORS_FILE}': {err}") from err
+                for monitor in self.monitors:
+                    if monitor.name in states:
+                        monitor.load_state_dict(states[monitor.name])
+            return meta
+
+        step = int(path.name.split("-")[-1])
+        earlier = [p for s, p in reversed(self.checkpointer.complete()) if s < step]
+        candidates = [path, *earlier] if self.cfg.checkpoint.fallback else [path]
+        first: CheckpointError | None = None
+        for i, candidate in enumerate(candidates):
+            error: CheckpointError | None = None
+            try:
+                meta = load_all(candidate)
+            except CheckpointError as err:
+                error = err
+            if not agree(error is not None):
+                break
+            error = error or CheckpointError(f"another rank could not load checkpoint '{candidate}'")
+            first = first or error
+            if not self.cfg.checkpoint.fallback:
+                raise error
+            if i + 1 == len(candidates):
+                raise CheckpointError(
+                    f"no complete checkpoint in '{path.parent}' can be loaded (checkpoint.fallback=true tried "
+                    f"{len(candidates)}); the latest failed with: {first}"
+                ) from error
+            barrier()
+            if self.is_main:
+                aside = candidate.with_name(f"{candidate.name}.corrupt")
+                while aside.exists():
+                    aside = aside.with_name(aside.name + "_")
+                candidate.rename(aside)
+                log.error("%s", error)
+                log.error("checkpoint.fallback=true: moved it to %s; resuming from %s", aside, candidates[i + 1])
+            barrier()
         self.step = int(meta["step"])
         self.data_skipped = int(meta["data_skipped"]) if self.is_main else 0
         self.guard.load(int(meta.get("nonfinite_steps", 0)))
         self.time_s, self.started = float(meta.get("time_s", 0.0)), time.perf_counter()
-        if (path / MONITORS_FILE).is_file():
-            states = torch.load(path / MONITORS_FILE, weights_only=True)
-            for monitor in self.monitors:
-                if monitor.name in states:
-                    monitor.load_state_dict(states[monitor.name])
-        _check_resumable(self, path, meta)
+        _check_resumable(self, candidate, meta)
 
     def reload_weights(self, path: Path) -> None:
         """Put back the model and optimizer of ``path``, keeping the step and data position (after a run of
-        non-finite steps: the data goes on from here)."""
+        non-finite steps, or an update that left non-finite parameters: the data goes on from here)."""
         load_training_state(path, self.wrapped, self.optimizer)
-        self.guard.reset_run()
+        self.guard.reset_run(path)
 
     def close(self) -> None:
         if self.sample_record is not None:
@@ -166,13 +227,7 @@ def build_run(cfg: Config) -> Run:
     torch.manual_seed(cfg.seed)
     catalog = ShardCatalog.from_spec(cfg.data.train, "data.train")
     cfg = _resolved(cfg, catalog)
-    micro_batch = cfg.data.batch_size // cfg.optim.accumulate
-    if micro_batch % env.world_size:
-        raise ConfigError(
-            f"data.batch_size {cfg.data.batch_size} / optim.accumulate {cfg.optim.accumulate} = "
-            f"{micro_batch} samples per micro-batch is not divisible by the {env.world_size} ranks; "
-            "change data.batch_size"
-        )
+    check_world_size(cfg, env.world_size)
     if cfg.log.wandb:
         require_wandb()
     model = build_method(cfg, num_samples=len(catalog)).to(device)
@@ -222,28 +277,12 @@ def _resolved(cfg: Config, catalog: ShardCatalog) -> Config:
     return cfg
 
 
-MODEL_KEYS = ("method.name", "model.backbone", "model.patch_size", "model.small_stem")  # what makes another model
-
-
 def _check_same_model(cfg: Config, path: Path) -> None:
     """Refuse to resume a checkpoint of another model: the run would go on under the old run's name with weights
     that were never trained for this method, or fail deep inside the loader on mismatched shapes."""
-    saved = from_yaml_text(read_meta(path)["config"], str(path))
-    changed = [
-        f"{key} {_get(saved, key)!r} -> {_get(cfg, key)!r}" for key in MODEL_KEYS if _get(saved, key) != _get(cfg, key)
-    ]
-    if changed:
-        raise ConfigError(
-            f"run directory '{cfg.run_dir}' holds checkpoints of another model ({', '.join(changed)}); "
-            f"start a new run under another name (name=NEW) or out_dir, or delete '{path.parent}'"
-        )
-
-
-def _get(cfg: Config, dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
+    problem = check_same_model(from_yaml_text(read_meta(path)["config"], str(path)), cfg)
+    if problem:
+        raise ConfigError(f"run directory '{cfg.run_dir}' {problem}")
 
 
 def _check_resumable(run: Run, path: Path, meta: dict[str, Any]) -> None:
@@ -269,6 +308,12 @@ def _check_resumable(run: Run, path: Path, meta: dict[str, Any]) -> None:
     )
 
 
-def _finite_params(model: nn.Module) -> bool:
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    return agree(not all(bool(torch.isfinite(p).all()) for p in local)) is False
+def _finite_params(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bool:
+    """Whether every parameter, and every tensor of ``optimizer``'s state, is finite on every rank (collective; one
+    host read)."""
+    tensors = [p.detach() for p in model.parameters()]
+    if optimizer is not None:
+        tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    local = local_tensors(tensors)
+    bad = bool(any_nonfinite(local, local[0].device).item()) if local else False
+    return not agree(bad)

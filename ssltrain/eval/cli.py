@@ -21,8 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 if TYPE_CHECKING:
     from ssltrain.eval.evaluate import EvalOptions
 
@@ -118,6 +116,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
 
 def _init_distributed_from_env(device: str | None) -> bool:
     """Join the torchrun/Slurm process group when there is one and none exists yet; True if we created it."""
+    import torch  # here, not at the top: `ssltrain eval --help` stays instant
+
     from ssltrain.core.collectives import is_distributed
     from ssltrain.core.process_group import init_distributed
 
