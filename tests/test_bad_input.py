@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tarfile
 import warnings
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from conftest import make_shards
 from ssltrain.config import AugmentConfig, CropConfig
 from ssltrain.data.augment import CPURenderer
 from ssltrain.data.loaders.cpu import AugmentedShards, collate_views
-from ssltrain.data.shards import DataError, expand_shards, index_path_for, write_shards
+from ssltrain.data.shards import DataError, expand_shards, index_path_for, scan_tar, write_shards
 from ssltrain.data.stream import ShardCatalog
 
 
@@ -135,8 +136,44 @@ def test_truncated_shard_without_index_recovers_the_intact_prefix(tmp_path: Path
     assert render_all(catalog).skipped == []
 
 
+def image_first_shard(out: Path) -> tuple[Path, dict[str, tarfile.TarInfo]]:
+    """Four samples whose first member is the image (``jpg`` sorts before ``json``), and the tar's members by name."""
+    samples = [{"__key__": f"k{i}", "jpg": bytes(2000 + i), "json": b'{"i": %d}' % i} for i in range(4)]
+    (tar,) = write_shards(samples, out, "cut")
+    with tarfile.open(tar) as f:
+        return tar, {m.name: m for m in f}
+
+
+@pytest.mark.parametrize(
+    ("where", "whole"),
+    [
+        (lambda m: m["k2.jpg"].offset_data + 1000, 2),  # in the data of the next sample's first member
+        (lambda m: m["k2.jpg"].offset_data - 300, 2),  # in its header, after the name field
+        (lambda m: m["k2.json"].offset_data + 3, 2),  # in the sample's second member: that sample goes
+        (lambda m: m["k2.jpg"].offset_data - 500, 1),  # before the name field: k1 may go on, so it goes too
+        (lambda m: m["k1.json"].offset_data + 512, 1),  # between samples: the same, for the same reason
+    ],
+    ids=["first-member-data", "first-member-header", "second-member", "name-cut", "boundary"],
+)
+def test_a_cut_drops_only_the_sample_it_falls_in(tmp_path: Path, where, whole: int) -> None:
+    tar, members = image_first_shard(tmp_path)
+    cut = where(members)
+    tar.write_bytes(tar.read_bytes()[:cut])
+    index = scan_tar(tar)
+    assert index.truncated and [s.key for s in index.samples] == [f"k{i}" for i in range(whole)]
+    assert all(set(s.components) == {"jpg", "json"} for s in index.samples)
+
+
+def test_a_tar_cut_in_its_end_marker_is_whole(tmp_path: Path) -> None:
+    tar, members = image_first_shard(tmp_path)
+    end = members["k3.json"].offset_data + 512  # the end-of-archive blocks follow the last member
+    tar.write_bytes(tar.read_bytes()[: end + 100])
+    index = scan_tar(tar)
+    assert not index.truncated and len(index.samples) == 4
+
+
 def test_bad_members_are_skipped_and_counted(tmp_path: Path) -> None:
-    samples = [
+    samples: list[dict] = [
         {"__key__": "ok", "png": _png(), "cls": 1},
         {"__key__": "corrupt", "jpg": b"\xff\xd8\xff\xe0 definitely not a jpeg", "cls": 1},
         {"__key__": "zero", "png": b"", "cls": 1},

@@ -18,6 +18,7 @@ from ssltrain.cli import main
 from ssltrain.data.ingest.folders import imagefolder_samples, unlabeled_samples
 from ssltrain.data.ingest.images import TAR_MEMBER_OVERHEAD, ShardSize, ingest_folder
 from ssltrain.data.shards import DataError, index_path_for, iter_members, read_index, write_shards
+from ssltrain.data.stream import ShardCatalog
 from ssltrain.data.verify import verify_shard, verify_shards
 
 
@@ -196,6 +197,34 @@ def test_verify_names_every_kind_of_damage(tmp_path: Path) -> None:
     assert not verify_shard(paths["noindex"]).problems and not verify_shard(paths["staleindex"]).problems
     assert fixed.samples == report.samples
     assert verify_shard(paths["truncated"]).problems
+
+
+def test_fix_index_indexes_the_whole_samples_of_a_truncated_shard(tmp_path: Path) -> None:
+    """A truncated shard: --fix-index writes the index of its whole samples (the loader then reads them, and only
+    them), and the truncation stays a problem to fix by re-writing. A shard with no whole sample gets no hint to
+    run --fix-index, which could index nothing."""
+    good = lambda i: {"__key__": f"k{i:03d}", "png": _png(i), "cls": i % 3}  # noqa: E731
+    (cut,) = write_shards([good(i) for i in range(4)], tmp_path / "cut", "cut")
+    (empty,) = write_shards([good(9)], tmp_path / "empty", "empty")
+    image = read_index(cut).samples[2].components["png"]
+    with open(cut, "r+b") as f:
+        f.truncate(image.offset + image.size // 2)
+    with open(empty, "r+b") as f:
+        f.truncate(read_index(empty).samples[0].components["png"].offset + 10)
+
+    before = verify_shard(cut).problems
+    assert "the tar is truncated: 2 whole samples before the cut; re-write it" in before
+    assert "index lists 4 samples, the tar holds 2; rebuild it with --fix-index" in before
+    fixed = verify_shard(cut, fix_index=True)
+    assert fixed.problems == [
+        "the tar is truncated: 2 whole samples before the cut; re-write it (its index now lists those 2)"
+    ]
+    assert [s.key for s in read_index(cut).samples] == ["k000", "k001"]
+    assert verify_shard(cut).problems == ["the tar is truncated: 2 whole samples before the cut; re-write it"]
+    catalog = ShardCatalog.from_spec(str(cut))
+    assert len(catalog) == 2 and all(catalog.read(i).image is not None for i in range(2))
+
+    assert verify_shard(empty).problems == ["the tar is truncated: 0 whole samples before the cut; re-write it"]
 
 
 def test_verify_cli_exits_1_and_prints_each_problem(tmp_path: Path, capsys) -> None:

@@ -65,37 +65,107 @@ def _split_member(name: str) -> tuple[str, str]:
 def scan_tar(tar_path: Path) -> ShardIndex:
     """Build the index of a tar by reading its headers (no member data is decoded).
 
-    A truncated tar yields the samples before the damage and ``truncated=True``; the sample at the cut is dropped
-    (some of its members may be missing) rather than indexed with bytes that are not there.
+    A truncated tar yields the samples before the cut and ``truncated=True``. Only the sample the cut falls in is
+    dropped (some of its members may be missing) rather than indexed with bytes that are not there; a sample that
+    ends before it is kept. Where the cut leaves the name of the member it falls in unknown (it falls in the
+    member's headers, or between members), the last sample is dropped too: more of its members may have followed.
     """
     samples: list[SampleEntry] = []
-    truncated = False
     file_size = tar_path.stat().st_size
+    truncated, cut_key = False, None  # cut_key: the key of the member the cut falls in, where it is known
     try:
         with tarfile.open(tar_path, mode="r:") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                key, ext = _split_member(member.name)
-                if not key or key.endswith("/") or not ext:
-                    continue
-                if member.offset_data + member.size > file_size:
-                    truncated = True
-                    break
-                if not samples or samples[-1].key != key:
-                    samples.append(SampleEntry(key))
-                samples[-1].components[ext] = Component(member.offset_data, member.size, member.name)
+            try:
+                for member in tar:
+                    if not member.isreg():
+                        continue
+                    key, ext = _split_member(member.name)
+                    if not key or key.endswith("/") or not ext:
+                        continue
+                    if member.offset_data + member.size > file_size:
+                        truncated, cut_key = True, key
+                        break
+                    if not samples or samples[-1].key != key:
+                        samples.append(SampleEntry(key))
+                    samples[-1].components[ext] = Component(member.offset_data, member.size, member.name)
+                else:  # tarfile stops quietly at a header it cannot read: an end-of-archive block, or a cut
+                    truncated, cut_key = _cut_at(tar_path, tar.offset, file_size)
+            except (tarfile.ReadError, EOFError):  # a header cut short (pax), or a member's padding
+                truncated, cut_key = True, _cut_at(tar_path, tar.offset, file_size)[1]
     except (tarfile.ReadError, EOFError, OSError) as err:
         if file_size == 0:
             return ShardIndex(tar_path, [], truncated=False)
-        truncated = True
+        truncated, cut_key = True, None
         if not samples:
             raise DataError(
                 f"shard '{tar_path}' is not a readable tar file ({err}); re-write it with `ssltrain shards`"
             ) from None
-    if truncated and samples:
-        samples.pop()  # its members may continue past the cut: only whole samples are indexed
+    if truncated and samples and _may_hold(samples[-1].key, cut_key):
+        samples.pop()  # the cut falls in it, or may: only whole samples are indexed
     return ShardIndex(tar_path, samples, truncated)
+
+
+def _may_hold(key: str, cut_key: str | None) -> bool:
+    """Whether the member named ``cut_key`` may belong to the sample ``key`` (a name read from a header cut before
+    its ustar prefix lacks its leading directories)."""
+    return cut_key is None or key == cut_key or key.endswith("/" + cut_key)
+
+
+def _cut_at(tar_path: Path, offset: int, file_size: int) -> tuple[bool, str | None]:
+    """Where tarfile stopped reading headers at ``offset``: ``(truncated, key of the member the cut falls in)``.
+
+    A block of zeros there (or zeros to the end, less than a block) is the end-of-archive marker: nothing is missing.
+    """
+    with open(tar_path, "rb") as f:
+        f.seek(offset)
+        rest = f.read(min(max(file_size - offset, 0), 1 << 20))
+    if rest and not rest[: tarfile.BLOCKSIZE].strip(b"\0"):
+        return False, None
+    name = _cut_member_name(rest)
+    return True, None if name is None else _split_member(name)[0]
+
+
+def _cut_member_name(rest: bytes) -> str | None:
+    """The name of the member whose headers (ustar, and pax or GNU long-name ones before it) begin ``rest`` and are
+    cut short, where what is left of them says it; None where it does not."""
+    pos, path = 0, None
+    while len(rest) - pos >= tarfile.BLOCKSIZE:
+        try:
+            info = tarfile.TarInfo.frombuf(rest[pos : pos + tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
+        except tarfile.HeaderError:
+            return None
+        data = rest[pos + tarfile.BLOCKSIZE : pos + tarfile.BLOCKSIZE + info.size]
+        whole = len(data) == info.size
+        if info.type == tarfile.XHDTYPE:  # pax: records for the next header; "path" overrides its name
+            path = _pax_path(data) or path
+        elif info.type == tarfile.GNUTYPE_LONGNAME:
+            path = data.rstrip(b"\0").decode("utf-8", "surrogateescape") if whole else None
+        elif info.type != tarfile.XGLTYPE:  # the member's own header
+            return None if whole else (path or info.name)  # its data complete: the cut is not in this member
+        if not whole:
+            return path if info.type == tarfile.XHDTYPE else None
+        pos += tarfile.BLOCKSIZE + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    block = rest[pos:]  # the cut falls in this header block
+    if path is not None:
+        return path
+    if len(block) < 100 or (len(block) > 156 and block[156:157] not in (tarfile.REGTYPE, tarfile.AREGTYPE)):
+        return None  # its name field is cut, or it is a pax or long-name header: the name comes later
+    name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")  # without a ustar prefix, which may follow
+    return None if not name or name.startswith("././@") or "PaxHeader" in name else name
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The "path" record among the whole pax records ("LENGTH key=value\\n") of ``data``."""
+    pos, path = 0, None
+    while (space := data.find(b" ", pos)) > pos and data[pos:space].isdigit():
+        end = pos + int(data[pos:space])
+        if end > len(data) or end <= space:
+            break
+        key, _, value = data[space + 1 : end - 1].partition(b"=")
+        if key == b"path":
+            path = value.decode("utf-8", "surrogateescape")
+        pos = end
+    return path
 
 
 def write_index(index: ShardIndex, idx_path: Path | None = None) -> Path:

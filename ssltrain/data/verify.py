@@ -96,7 +96,8 @@ def _check_sample(key: str, data: dict[str, bytes], decode: bool) -> list[str]:
 
 def verify_shard(path: Path, decode: bool = True, fix_index: bool = False) -> ShardCheck:
     """Check one shard; never raises for bad data, it is reported. ``fix_index`` rewrites a missing or stale index
-    from the tar's headers (not for a truncated tar: re-write that shard)."""
+    from the tar's headers; for a truncated tar, the index of its whole samples, so it can be read until the
+    shard is re-written (the truncation stays a problem)."""
     check = ShardCheck(path)
     if path.stat().st_size == 0:
         check.problems.append("the shard is empty (0 bytes); re-write it")
@@ -106,24 +107,36 @@ def verify_shard(path: Path, decode: bool = True, fix_index: bool = False) -> Sh
     except DataError as err:
         check.problems.append(str(err))
         return check
-    if scanned.truncated:
-        check.problems.append(f"the tar is truncated: {len(scanned.samples)} whole samples before the cut; re-write it")
     idx = index_path_for(path)
-    if not idx.is_file():
-        index_problems = [f"no index '{idx.name}' (DALI and fast start need it); write it with --fix-index"]
-    else:
+    index_problems = _index_problems(path, idx, scanned) if scanned.samples or not scanned.truncated else []
+    fixed = False
+    if index_problems and fix_index:
         try:
-            index_problems = _compare_index(_parse_index(path, idx), scanned)
-        except DataError as err:
-            index_problems = [f"{err}; or rebuild it with --fix-index"]
-    if index_problems and fix_index and not scanned.truncated:
-        write_index(scanned, idx)
-    else:
-        check.problems.extend(index_problems)
+            write_index(scanned, idx)
+            index_problems, fixed = [], True
+        except OSError as err:
+            index_problems = [f"cannot write the index '{idx}' ({err.strerror or err}); check the permissions"]
+    if scanned.truncated:
+        whole = len(scanned.samples)
+        check.problems.append(
+            f"the tar is truncated: {whole} whole samples before the cut; re-write it"
+            + (f" (its index now lists those {whole})" if fixed else "")
+        )
+    check.problems.extend(index_problems)
     for entry, data in iter_members(scanned):
         check.samples += 1
         check.problems.extend(_check_sample(entry.key, data, decode))
     return check
+
+
+def _index_problems(path: Path, idx: Path, scanned: ShardIndex) -> list[str]:
+    """What is wrong with the index beside ``path``, against the tar's own headers; each fixed by --fix-index."""
+    if not idx.is_file():
+        return [f"no index '{idx.name}' (DALI and fast start need it); write it with --fix-index"]
+    try:
+        return _compare_index(_parse_index(path, idx), scanned)
+    except DataError as err:
+        return [f"{err}; or rebuild it with --fix-index"]
 
 
 def verify_shards(spec: str, workers: int = 1, decode: bool = True, fix_index: bool = False) -> VerifyReport:

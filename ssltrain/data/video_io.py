@@ -19,6 +19,7 @@ import ffmpeg
 import numpy as np
 
 from ssltrain.data.shards import DataError
+from ssltrain.data.signals import blocked
 
 PROBE_TIMEOUT_S = 60.0
 DECODE_TIMEOUT_S = 30.0  # one training clip; a DataLoader worker never waits longer on ffmpeg
@@ -48,20 +49,24 @@ def first_line(stderr: bytes, returncode: int) -> str:
 
 
 def run(args: list[str], timeout: float, data: bytes | None = None) -> bytes:
-    """Run one ffmpeg/ffprobe command; its stdout, or ``FFmpegError`` (killed on timeout)."""
-    try:
-        done = subprocess.run(
-            args,
-            input=data,
-            capture_output=True,
-            timeout=timeout,
-            stdin=None if data is not None else subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired:
-        raise FFmpegError(f"{args[0]} timed out after {timeout:g}s") from None
-    if done.returncode != 0:
-        raise FFmpegError(first_line(done.stderr, done.returncode))
-    return done.stdout
+    """Run one ffmpeg/ffprobe command; its stdout, or ``FFmpegError`` (killed on timeout).
+
+    It starts with the scheduler's signals blocked: they are meant for the training run, and a decoder they
+    killed would turn a good clip into a skipped one (``ssltrain.data.signals``).
+    """
+    stdin = subprocess.PIPE if data is not None else subprocess.DEVNULL
+    with blocked():
+        proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with proc:
+        try:
+            stdout, stderr = proc.communicate(data, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise FFmpegError(f"{args[0]} timed out after {timeout:g}s") from None
+    if proc.returncode != 0:
+        raise FFmpegError(first_line(stderr, proc.returncode))
+    return stdout
 
 
 def ffmpeg_args(stream: Any) -> list[str]:

@@ -16,7 +16,9 @@ from typing import Any, Generic, Protocol, TypeVar
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.dataloader import _BaseDataLoaderIter
 
+from ssltrain.data.signals import blocked, shield_worker
 from ssltrain.data.stream import GlobalBatchSampler, RawSample, ShardCatalog, sample_seed
 
 
@@ -120,7 +122,19 @@ WORKER_TIMEOUT_S = 600
 
 
 def _worker_init(_: int) -> None:
+    shield_worker()  # the scheduler's signals are for the main process (torch has set its handlers by now)
     torch.set_num_threads(1)  # workers decode one sample at a time; the main process owns the cores for compute
+
+
+class ShieldedLoader(DataLoader):
+    """A DataLoader that starts its workers with the scheduler's signals blocked: a signal arriving while it forks
+    waits until the worker has set its own handling (``_worker_init``), and reaches the main process after."""
+
+    def __iter__(self) -> _BaseDataLoaderIter:
+        if self.num_workers == 0:
+            return super().__iter__()
+        with blocked():
+            return super().__iter__()
 
 
 def make_loader(
@@ -131,12 +145,13 @@ def make_loader(
     batch_size: int | None = None,
     collate: Callable[[list[Any]], Any] = collate_views,
 ) -> DataLoader:
-    """A DataLoader over ``dataset`` in the sampler's order; a worker stuck on I/O raises instead of hanging."""
+    """A DataLoader over ``dataset`` in the sampler's order; a worker stuck on I/O raises instead of hanging, and
+    workers leave the scheduler's signals to the main process (``ssltrain.data.signals``)."""
     kwargs: dict[str, Any] = dict(num_workers=workers, collate_fn=collate, pin_memory=pin_memory)
     if workers > 0:
         kwargs.update(
             worker_init_fn=_worker_init, prefetch_factor=2, persistent_workers=False, timeout=WORKER_TIMEOUT_S
         )
     if batch_sampler is not None:
-        return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, **kwargs)
+        return ShieldedLoader(dataset, batch_sampler=batch_sampler, **kwargs)
+    return ShieldedLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, **kwargs)
