@@ -3,8 +3,9 @@
 Why it is this small: everything a restarted job needs is on disk. ``ssltrain.engine.loop.train`` resumes from the run's
 latest complete checkpoint, and on the pre-deadline signal (``--signal=USR2@<delay>``) it checkpoints at the next step
 boundary on every rank and then hands the signal to submitit's handler, which on rank 0 calls
-:meth:`TrainJob.checkpoint`, runs ``scontrol requeue`` and exits. So the job object carries only the resolved config,
-and a job killed outright (``scontrol requeue``, a node failure) restarts from the last periodic checkpoint.
+:meth:`TrainJob.checkpoint`, runs ``scontrol requeue`` and exits. Preemption (``scontrol requeue``: SIGTERM to every
+process) checkpoints at the next step boundary the same way, and Slurm requeues the job. So the job object carries
+only the resolved config; only a job killed outright (a node failure) restarts from the last periodic checkpoint.
 """
 
 from __future__ import annotations
