@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -101,8 +102,8 @@ class VICRegLogDetConfig:
 
     Per dimension the loss is about ``sim * rho * s^2 - entropy/2 * log(1 + alpha * s^2)`` (s: the dimension's
     std; rho = MSE / s^2, about 2 while the two views' embeddings are still uncorrelated), so it collapses
-    (s -> 0) when ``2 * sim * rho > entropy * alpha``. Early in training rho ~ 2: weight 1 / alpha 1 and 25 / 4
-    both collapsed on the demo data. A large alpha puts the term in its log regime (a barrier, like VICReg's hinge).
+    (s -> 0) when ``2 * sim * rho > entropy * alpha``, and early in training rho ~ 2. A large alpha puts the term in
+    its log regime (a barrier, like VICReg's hinge). The weights searched: docs/results.md.
     """
 
     sim_weight: float = 25.0
@@ -116,10 +117,9 @@ class VICRegPairwiseConfig:
 
     Near collapse the estimate grows like ``entropy / sigma^2 * s^2`` per dimension against ``sim * rho * s^2``
     from the invariance (rho ~ 2 while the views' embeddings are uncorrelated), so it needs
-    ``entropy / sigma^2 > 2 * rho * sim``: 1 / sigma 1 and 25 / sigma 1 collapsed on the demo data. Once points
-    are a few sigma apart the estimate saturates at log N (no gradient, no push towards full rank): sigma 0.25
-    ended low-rank, and 100 / sigma 1 stayed under random init on digits (kNN 0.916 vs 0.935). A wider kernel
-    saturates later: sigma 2 with 800 (twice the bound) beat it (0.978 / linear 0.982; bench/methods.py).
+    ``entropy / sigma^2 > 2 * rho * sim``. Once points are a few sigma apart the estimate saturates at log N (no
+    gradient, no push towards full rank); a wider kernel saturates later, hence sigma 2 with 800, twice the bound.
+    The settings searched: docs/results.md.
     """
 
     sim_weight: float = 25.0
@@ -175,7 +175,8 @@ class DISSLConfig:
 class BYOLConfig:
     predictor: List[int] = field(default_factory=lambda: [4096, 256])
     momentum: float = 0.99  # EMA momentum at step 0; cosine schedule to 1.0 at the last step
-    # The predictor's learning rate over the common one (paper: 1). Short runs: 10 kept the embedding's rank up.
+    # The predictor's learning rate over the common one (paper: 1); higher keeps a lagging predictor from letting the
+    # projections collapse in short runs (configs/digits/byol.yaml).
     predictor_lr_scale: float = 1.0
 
 
@@ -199,7 +200,7 @@ class DINOConfig:
 class SwAVConfig:
     prototypes: int = 3000
     temperature: float = 0.1
-    epsilon: float = 0.05  # official; sharper codes (0.02) kept small data from collapsing (bench/methods.py)
+    epsilon: float = 0.05  # official; small data may need sharper codes (configs/digits/swav.yaml: 0.02)
     sinkhorn_iterations: int = 3
     freeze_prototypes_steps: int = 0  # official: 313 (prototypes get no update at first)
     # Past embeddings per global view scored with the batch in Sinkhorn-Knopp, so small batches still spread over
@@ -210,7 +211,7 @@ class SwAVConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "vicreg"  # see _CHOICES["method.name"]
+    name: str = "vicreg"  # one of METHOD_NAMES: the fields below that hold a method's own settings
     projector: List[int] = field(default_factory=lambda: [2048, 2048, 2048])  # hidden..., output widths
     vicreg: VICRegConfig = field(default_factory=VICRegConfig)
     vicreg_logdet: VICRegLogDetConfig = field(default_factory=VICRegLogDetConfig)
@@ -224,6 +225,13 @@ class MethodConfig:
     byol: BYOLConfig = field(default_factory=BYOLConfig)
     dino: DINOConfig = field(default_factory=DINOConfig)
     swav: SwAVConfig = field(default_factory=SwAVConfig)
+
+
+# Every method has its own sub-config above, named as the method: the one list of method names (ssltrain.methods
+# registers one class under each).
+METHOD_NAMES: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(MethodConfig) if dataclasses.is_dataclass(getattr(MethodConfig(), f.name))
+)
 
 
 @dataclass
@@ -250,13 +258,14 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """How fast the step runs (ssltrain/engine/speed.py): the same math through other kernels, so rounding may differ."""
+    """How fast the step runs (ssltrain/engine/parallelize.py): the same math through other kernels, so rounding may
+    differ."""
 
     compile: bool = False  # torch.compile each backbone (each FSDP unit under dist.strategy=fsdp)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
-    # auto: ResNets on CUDA. On CPU channels_last was 16-30% faster for ResNet-18 (2 cores) but changes the rounding
-    # against the offline probes, which extract contiguous on CPU; true turns it on there.
-    channels_last: str = "auto"  # auto | true | false
+    # null: ResNets on CUDA only (on CPU it changes the rounding against the offline probes, which extract
+    # contiguous there) | true | false
+    channels_last: Optional[bool] = None
     # step: the non-finite check reads the device every step (any optimizer) | deferred: the skip is decided on the
     # device (fused AdamW, LARS, LAMB and the EMA teachers take the flag) and read at log steps: no per-step host sync
     finite_check: str = "step"
@@ -269,6 +278,9 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     async_save: bool = False  # write in a background thread while training continues (commit follows at the next save)
     resume: bool = True  # continue from the latest complete checkpoint in the run directory
+    # when the latest checkpoint fails its checksums or cannot be loaded, resume from the newest earlier one that
+    # can (it is moved aside to step-<N>.corrupt); off: that is an error, and the run does not start
+    fallback: bool = False
 
 
 @dataclass
@@ -277,9 +289,9 @@ class DistConfig:
 
     strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per residual stage / transformer block)
     sync_bn: bool = False  # DDP: SyncBatchNorm over the global batch (CUDA only)
-    # auto: torch's SyncBatchNorm (a port of apex's Welford kernels; bench/syncbn.py compares them) | apex:
-    # apex.parallel.SyncBatchNorm (an error without apex) | native: torch's
-    sync_bn_impl: str = "auto"
+    # native: torch's SyncBatchNorm (a port of apex's Welford kernels) | apex: apex.parallel.SyncBatchNorm (an error
+    # without apex; bench/syncbn.py compares the two)
+    sync_bn_impl: str = "native"
     fsdp_bf16_params: bool = True  # FSDP: all-gather parameters in bf16 (not for models with BatchNorm)
     timeout_s: float = 600.0  # a collective waiting longer (a dead rank) fails with an error instead of hanging
 
@@ -287,7 +299,6 @@ class DistConfig:
 @dataclass
 class FaultConfig:
     nonfinite_patience: int = 5  # after this many non-finite steps in a row, reload the last checkpoint
-    inject_nonfinite_steps: List[int] = field(default_factory=list)  # testing aid: make these steps' loss NaN
 
 
 @dataclass
@@ -308,7 +319,7 @@ class EvalConfig:
     # eval.train, queries from eval.val (both labeled); logged as online_knn_top1/top5. 0: off.
     online_knn_every: int = 0
     online_knn_samples: List[int] = field(default_factory=lambda: [2000, 1000])  # [train, val] evenly spaced caps
-    # Collapse warnings (training log and report) when the monitors fall under these; = monitors.RANKME_WARN/STD_WARN
+    # Collapse warnings (training log and report) when the monitors fall under these: their one home
     collapse_rankme: float = 10.0  # RankMe, capped at half of min(N, D) of the batch the monitor saw
     collapse_std: float = 0.1  # normalised embedding std (1 healthy, 0 collapsed)
 
@@ -351,21 +362,22 @@ class Config:
         return Path(self.out_dir) / self.name
 
 
+# Backbones that take clips [B, 3, T, H, W] (data.video.mode=clips); models/backbones.py builds them.
+VIDEO_BACKBONES: tuple[str, ...] = ("r3d_18",)
+
 _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "precision": ("auto", "bf16", "fp32"),
     "model.backbone": ("resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base", "r3d_18"),
-    "method.name": ("vicreg", "vicreg_logdet", "vicreg_pairwise", "vcreg", "simclr", "barlow_twins", "diet", "cissl",
-                    "dissl", "byol", "dino", "swav"),
+    "method.name": METHOD_NAMES,
     "method.vicreg_pairwise.distance": ("kl", "bhattacharyya"),
     "loss.impl": ("auto", "triton", "eager"),
     "optim.name": ("lars", "adamw", "lamb"),
     "optim.impl": ("auto", "apex", "native"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune"),
-    "train.channels_last": ("auto", "True", "False"),  # OmegaConf stores true/false given to a str key as True/False
     "train.finite_check": ("step", "deferred"),
     "dist.strategy": ("ddp", "fsdp"),
-    "dist.sync_bn_impl": ("auto", "apex", "native"),
+    "dist.sync_bn_impl": ("native", "apex"),
     "data.loader": ("torch", "dali"),
     "data.modality": ("image", "video"),
     "data.video.mode": ("clips", "frames"),
@@ -396,11 +408,104 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: bad value for '{key}': {msg}")
 
 
+def check_video_config(cfg: Config) -> None:
+    """Clips go to a video backbone, frames to an image backbone: say so before the first batch, not in it."""
+    video, backbone = cfg.data.video, cfg.model.backbone
+    if video.mode == "clips" and backbone not in VIDEO_BACKBONES:
+        raise ConfigError(f"data.video.mode=clips gives [B,3,T,H,W] clips, which {backbone} cannot take; use "
+                          f"model.backbone={VIDEO_BACKBONES[0]} or data.video.mode=frames")
+    if video.mode == "frames" and backbone in VIDEO_BACKBONES:
+        raise ConfigError(f"data.video.mode=frames gives [B,3,H,W] frames, which {backbone} cannot take; use "
+                          "data.video.mode=clips or an image backbone (resnet18, vit_small, ...)")
+    if video.frames < 1 or video.max_gap_s < 0:
+        raise ConfigError(f"data.video.frames must be >= 1 and data.video.max_gap_s >= 0, got {video.frames} and "
+                          f"{video.max_gap_s}")
+
+
+# Image backbones by family (models/backbones.py builds them): the options each family takes.
+_RESNETS = ("resnet18", "resnet50")
+_VITS = ("vit_tiny", "vit_small", "vit_base")
+
+
+def check_backbone_config(cfg: Config, source: str = "config") -> None:
+    """Options the chosen backbone cannot take, and crops a ViT cannot cut into patches: said at load time (and in
+    the login shell by ``launch``), not when the model is built on the compute node."""
+    m, backbone = cfg.model, cfg.model.backbone
+    if backbone in VIDEO_BACKBONES and cfg.data.modality != "video":
+        raise ConfigError(
+            f"{source}: model.backbone={backbone} takes video clips; set data.modality=video (shards from "
+            "`ssltrain shards video`) or choose an image backbone (resnet18, vit_small, ...)"
+        )
+    if backbone not in _VITS:
+        if m.drop_path:
+            raise ConfigError(f"{source}: model.drop_path applies to ViTs only, not to {backbone}; set it to 0")
+        if m.small_stem and backbone in VIDEO_BACKBONES:
+            raise ConfigError(f"{source}: model.small_stem applies to image ResNets only, not to {backbone}")
+        return
+    for flag in ("small_stem", "zero_init_residual"):
+        if getattr(m, flag):
+            raise ConfigError(f"{source}: model.{flag} applies to ResNets only, not to {backbone}; set it to false")
+    if not 0.0 <= m.drop_path < 1.0:
+        raise ConfigError(f"{source}: model.drop_path must be in [0, 1), got {m.drop_path}")
+    if m.patch_size < 1:
+        raise ConfigError(f"{source}: model.patch_size must be >= 1, got {m.patch_size}")
+    for group in ("global_crops", "local_crops"):
+        crop: CropConfig = getattr(cfg.augment, group)
+        if (crop.count > 0 or group == "global_crops") and crop.size % m.patch_size:
+            raise ConfigError(
+                f"{source}: augment.{group}.size {crop.size} is not a multiple of model.patch_size {m.patch_size}: "
+                f"{backbone} cuts crops into patches; choose a crop size divisible by {m.patch_size}"
+            )
+
+
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """Each of ``world_size`` ranks takes an equal share of every micro-batch: say so before any rank starts."""
+    accumulate = cfg.optim.accumulate
+    micro_batch = cfg.data.batch_size // accumulate
+    if micro_batch % world_size:
+        step = accumulate * world_size
+        near = sorted({max(step, cfg.data.batch_size // step * step), -(-cfg.data.batch_size // step) * step})
+        raise ConfigError(
+            f"data.batch_size {cfg.data.batch_size} / optim.accumulate {accumulate} = {micro_batch} samples per "
+            f"micro-batch is not divisible by the {world_size} ranks; set data.batch_size to a multiple of {step} "
+            f"(e.g. {' or '.join(str(n) for n in near)})"
+        )
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that run but are probably not meant: said at start, as warnings (a short smoke run of a long
+    recipe is legitimate)."""
+    out = []
+    if cfg.optim.warmup_steps > cfg.steps:
+        out.append(
+            f"optim.warmup_steps {cfg.optim.warmup_steps} is longer than steps {cfg.steps}: the learning rate never "
+            f"reaches optim.lr {cfg.optim.lr:g} and never decays; lower optim.warmup_steps"
+        )
+    return out
+
+
+# What makes a run's model the one its checkpoints hold: resuming with another value trains another model.
+MODEL_KEYS = ("method.name", "model.backbone", "model.patch_size", "model.small_stem", "method.projector")
+
+
+def check_same_model(old: Config, new: Config) -> str | None:
+    """None when ``new`` continues the model of ``old`` (a checkpoint's config); else what differs and how to start
+    anew, to follow "run directory 'X' " in an error."""
+    changed = [
+        f"{k} {_node_at(old, k)!r} -> {_node_at(new, k)!r}" for k in MODEL_KEYS if _node_at(old, k) != _node_at(new, k)
+    ]
+    if not changed:
+        return None
+    return (
+        f"holds checkpoints of another model ({', '.join(changed)}); start a new run under another name "
+        "(name=NEW) or out_dir"
+    )
+
+
 def _check(cfg: Config, source: str) -> None:
     if cfg.data.modality == "video":
-        from ssltrain.data.loaders.video import check_video_config  # clips need a video backbone, frames an image one
-
         check_video_config(cfg)
+    check_backbone_config(cfg, source)
     for key, allowed in _CHOICES.items():
         value = _node_at(cfg, key)
         if value not in allowed:
@@ -418,6 +523,9 @@ def _check(cfg: Config, source: str) -> None:
     caps = cfg.eval.online_knn_samples
     if len(caps) != 2 or min(caps) < 1:
         raise ConfigError(f"{source}: 'eval.online_knn_samples' must be [train, val] sample caps >= 1, got {caps}")
+    if cfg.checkpoint.fallback and not cfg.checkpoint.resume:
+        raise ConfigError(f"{source}: checkpoint.fallback=true chooses the checkpoint to resume from, and "
+                          "checkpoint.resume=false starts afresh; drop one of them")
     if cfg.data.batch_size % cfg.optim.accumulate:
         raise ConfigError(f"{source}: data.batch_size {cfg.data.batch_size} is not divisible by optim.accumulate "
                           f"{cfg.optim.accumulate}")
@@ -426,10 +534,38 @@ def _check(cfg: Config, source: str) -> None:
         for name in ("scale", "ratio", "blur_sigma"):
             pair = getattr(crop, name)
             if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
-                raise ConfigError(f"{source}: 'augment.{group}.{name}' must be [low, high] with 0 < low <= high, got {pair}")
+                raise ConfigError(
+                    f"{source}: 'augment.{group}.{name}' must be [low, high] with 0 < low <= high, got {pair}"
+                )
         for name in ("blur_p", "solarize_p"):
             if not getattr(crop, name):
                 raise ConfigError(f"{source}: 'augment.{group}.{name}' needs at least one probability")
+
+
+def _read_yaml(path: Path) -> Any:
+    """The file's YAML, or a ConfigError naming the file, the line and the fix (never a parser's traceback)."""
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory; give a YAML file, e.g. configs/demo.yaml")
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        start, context = getattr(err, "context_mark", None), getattr(err, "context", None)
+        if start is not None and context:  # where the unclosed thing began, e.g. "while scanning a quoted scalar"
+            problem += f" ({context} at line {start.line + 1})"
+        raise ConfigError(
+            f"config file '{path}' is not valid YAML{where}: {problem}; fix the file (indentation, a missing ':' "
+            "or an unclosed quote or bracket)"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"config file '{path}' cannot be read ({err.strerror}); check its permissions") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file '{path}' holds a {type(loaded).__name__}, not a mapping of keys to values")
+    return loaded
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -437,11 +573,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     schema: DictConfig = OmegaConf.structured(Config)
     source = str(path) if path else "defaults"
     try:
-        merged = schema
+        merged: Any = schema  # OmegaConf.merge is typed to return any container
         if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file '{path}' does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _read_yaml(Path(path)))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
@@ -450,7 +584,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
-            hint = " (a shard directory or pattern; make some with `ssltrain shards`)" if "data.train" in missing else ""
+            hint = ""
+            if "data.train" in missing:
+                hint = " (a shard directory or pattern; make some with `ssltrain shards`)"
             raise ConfigError(f"{source}: '{missing[0]}' is required{hint}")
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except (ConfigKeyError, ValidationError) as err:

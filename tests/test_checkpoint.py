@@ -1,7 +1,10 @@
-"""Checkpoints: DCP directories committed by a marker, retention, async save, safe loading, RNG round trip."""
+"""Checkpoints: DCP directories committed by a marker, retention, async save, checksums, safe loading, RNG round
+trip."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import random
@@ -10,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
-from ssltrain.engine.checkpoint import Checkpointer, load_training_state, rng_state, set_rng_state
-from ssltrain.core.checkpoint_layout import CheckpointError, read_meta
+from ssltrain.core.checkpoint_layout import CheckpointError, file_checksums, read_meta
 from ssltrain.core.checkpoints import load_checkpoint
+from ssltrain.engine.checkpoint import Checkpointer, load_training_state, rng_state, set_rng_state
 
 
 def _model_and_optimizer(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -83,10 +88,19 @@ class Payload:
         return (os.system, (f"touch {Path(os.environ.get('TMPDIR', '/tmp')) / 'ssltrain-pwned'}",))
 
 
+def _rerecord_checksums(path: Path) -> None:
+    """Record the files' current checksums in meta.json, as someone who crafted the checkpoint would: checksums
+    catch damage, not an attacker, so the loader's own defences must hold on their own."""
+    meta = json.loads((path / "meta.json").read_text())
+    meta["files"] = file_checksums(path, meta["files"])
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
 def test_loading_refuses_code_in_the_metadata(tmp_path: Path) -> None:
     model, optimizer = _model_and_optimizer()
     path = Checkpointer(tmp_path).save(1, model, optimizer, {"step": 1})
     (path / ".metadata").write_bytes(pickle.dumps(Payload(), protocol=2))
+    _rerecord_checksums(path)
     marker = Path(os.environ.get("TMPDIR", "/tmp")) / "ssltrain-pwned"
     marker.unlink(missing_ok=True)
     with pytest.raises(CheckpointError, match="os.system|posix.system"):
@@ -129,3 +143,108 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path: Path) -> None:
     load_training_state(path, model, optimizer)  # restores this rank's RNG too
     assert torch.equal(torch.rand(3), expected[0])
     assert rng_state()["torch"].dtype == torch.uint8
+
+
+def _flip(file: Path, count: int = 64) -> None:
+    """Invert ``count`` bytes in the middle of ``file``, in place (the size stays: only a checksum can tell)."""
+    data = bytearray(file.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_every_file_is_checksummed_at_save(tmp_path: Path, async_save: bool) -> None:
+    model, optimizer = _model_and_optimizer()
+    ck = Checkpointer(tmp_path, async_save=async_save)
+    path = ck.save(3, model, optimizer, {"step": 3}, extra={"monitors.pt": {"knn": torch.zeros(2)}})
+    ck.wait()
+    recorded = read_meta(path)["files"]
+    files = sorted(f.name for f in path.iterdir() if f.name not in ("meta.json", "COMPLETE"))
+    assert sorted(recorded) == files and any(n.endswith(".distcp") for n in files) and ".metadata" in files
+    assert {"rng-rank0.pt", "monitors.pt"} <= set(files)
+    for name, entry in recorded.items():
+        data = (path / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize("damaged", ["__0_0.distcp", ".metadata", "rng-rank0.pt"])
+def test_a_damaged_file_is_refused_at_load_naming_it(tmp_path: Path, damaged: str) -> None:
+    """64 flipped bytes load without complaint in DCP (NaN weights or optimizer state, found steps later); the
+    checksums recorded at save refuse them, for training's resume and for eval/export's loader alike."""
+    model, optimizer = _model_and_optimizer()
+    path = Checkpointer(tmp_path).save(1, model, optimizer, {"step": 1})
+    _flip(path / damaged)
+    other, other_opt = _model_and_optimizer(seed=1)
+    untouched = other[0].weight.detach().clone()
+    with pytest.raises(CheckpointError, match=f"{damaged}' does not match the sha256.*checkpoint.fallback=true"):
+        load_training_state(path, other, other_opt)
+    assert torch.equal(other[0].weight, untouched)  # refused before anything was loaded
+    with pytest.raises(CheckpointError, match=f"{damaged}' does not match the sha256.*an earlier step-<N>"):
+        load_checkpoint(path)
+
+
+def test_a_missing_file_is_refused_at_load(tmp_path: Path) -> None:
+    model, optimizer = _model_and_optimizer()
+    path = Checkpointer(tmp_path).save(1, model, optimizer, {"step": 1})
+    (path / "rng-rank0.pt").unlink()
+    with pytest.raises(CheckpointError, match="rng-rank0.pt"):
+        load_training_state(path, model, optimizer)
+
+
+def test_a_checkpoint_without_checksums_still_loads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Checkpoints written before the checksums existed load, unverified, and say so."""
+    model, optimizer = _model_and_optimizer()
+    path = Checkpointer(tmp_path).save(1, model, optimizer, {"step": 1})
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["files"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="ssltrain"):
+        assert load_training_state(path, model, optimizer)["step"] == 1
+    assert "has no checksums" in caplog.text
+
+
+def _checksum_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, optimizer = _model_and_optimizer()
+        results = {}
+        for async_save in (False, True):
+            ck = Checkpointer(Path(out) / f"async-{async_save}", async_save=async_save)
+            path = ck.save(2, model, optimizer, {"step": 2})
+            ck.wait()
+            results[str(async_save)] = sorted(read_meta(path)["files"])
+        dist.barrier()
+        if rank == 0:
+            _flip(path / "__1_0.distcp")  # rank 1's data file
+        dist.barrier()
+        try:
+            load_training_state(path, model, optimizer)
+            results["error"] = ""
+        except CheckpointError as err:
+            results["error"] = str(err)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_checksums_with_two_ranks(tmp_path: Path) -> None:
+    """Each rank hashes what it wrote, rank 0 records them all, sync and async; at load each rank checks its share
+    and every rank raises the same error, naming the damaged file."""
+    mp.spawn(_checksum_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for async_save in ("False", "True"):
+        path = tmp_path / f"async-{async_save}/step-2"
+        files = sorted(f.name for f in path.iterdir() if f.name not in ("meta.json", "COMPLETE"))
+        assert results[0][async_save] == results[1][async_save] == files
+        assert {"__0_0.distcp", "__1_0.distcp", "rng-rank0.pt", "rng-rank1.pt", ".metadata"} <= set(files)
+    assert results[0]["error"] == results[1]["error"] and "__1_0.distcp' does not match" in results[0]["error"]
+
+
+def test_fallback_without_resume_is_a_config_error() -> None:
+    from ssltrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="checkpoint.fallback=true chooses .* checkpoint.resume=false"):
+        load_config(None, ["data.train=x", "checkpoint.fallback=true", "checkpoint.resume=false"])
+    assert load_config(None, ["data.train=x", "checkpoint.fallback=true"]).checkpoint.fallback
+    assert not load_config(None, ["data.train=x"]).checkpoint.fallback  # off unless asked

@@ -1,10 +1,12 @@
 """The non-finite guard (ssltrain/engine/guard.py): deferred (device-side) skips make the same updates as host-side
-ones."""
+ones; an update that leaves non-finite weights is caught."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,11 +18,14 @@ from faults import nonfinite_at
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ssltrain.config import ConfigError
+from ssltrain.config import Config, ConfigError
+from ssltrain.core.checkpoint_layout import CheckpointError
 from ssltrain.core.checkpoints import load_checkpoint
 from ssltrain.engine.guard import FiniteGuard, nonfinite_flag
 from ssltrain.engine.loop import train
 from ssltrain.engine.optim import LAMB, LARS, optimizer_step
+from ssltrain.engine.run import build_run
+from ssltrain.methods import METHODS, Method
 from ssltrain.models.ema import ema_update, frozen_copy
 
 
@@ -52,12 +57,14 @@ def apply(
     optimizer: torch.optim.Optimizer,
     ema: Callable[[torch.Tensor | None], None] | None = None,
 ) -> None:
-    """The update as the engine's step makes it: the guard's verdict, the optimizer, then the gated EMA teacher."""
+    """The update as the engine's step makes it: the guard's verdict, the optimizer, then the gated EMA teacher and
+    the guard's note of whether the parameters are still finite."""
     verdict = guard.judge(loss, model)
     if verdict.apply:
         optimizer_step(optimizer, verdict.found_inf)
         if ema is not None:
             ema(verdict.keep)
+        guard.after_update(model)
 
 
 @pytest.mark.parametrize("mode", ["step", "deferred"])
@@ -303,3 +310,80 @@ def test_deferred_step_does_not_synchronise_the_host() -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert guard.check().total == 1
+
+
+def poison_optimizer_state(cfg: Config) -> Path:
+    """Rewrite the run's latest checkpoint through the production save with every Adam second moment negative, as a
+    flipped sign bit would make it in memory: finite values, so the save writes them and the checksums certify them,
+    and the next update takes their square root and turns the weights into NaN."""
+    run = build_run(cfg)  # resumes the latest checkpoint
+    latest = run.checkpointer.latest()
+    assert latest is not None
+    shutil.rmtree(latest)
+    for state in run.optimizer.state.values():
+        state["exp_avg_sq"].neg_().sub_(1.0)
+    run.save()
+    run.checkpointer.wait()
+    run.close()
+    return latest
+
+
+@pytest.mark.parametrize("mode", ["step", "deferred"])
+def test_weights_made_nonfinite_by_the_optimizer_state_stop_the_run_naming_the_checkpoint(
+    tmp_path: Path, data: str, caplog: pytest.LogCaptureFixture, mode: str
+) -> None:
+    """Finite losses and gradients, yet NaN weights after the update: the guard sees it (at the step, or at the next
+    log step in deferred mode), reloads the last checkpoint at once, and when the reloaded state does it again the
+    run stops with an error naming that checkpoint (before: NaN steps skipped to the end, no final checkpoint, and
+    train() returned as if it had succeeded)."""
+    cfg = tiny_config(tmp_path, data, steps=2, log_every=2, **{"train.finite_check": mode})
+    train(cfg)
+    poisoned = poison_optimizer_state(cfg)
+    cfg.steps = 8
+    with caplog.at_level("WARNING", logger="ssltrain"), pytest.raises(CheckpointError) as raised:
+        train(cfg)
+    assert f"not finite again after reloading '{poisoned}'" in str(raised.value)
+    assert "an update left non-finite parameters (its loss and gradients were finite); reloading the weights" in (
+        caplog.text
+    )
+    assert not (cfg.run_dir / "checkpoints/step-8").exists()
+
+
+@contextlib.contextmanager
+def nan_weights_after(step: int) -> Iterator[None]:
+    """While active, every method's first parameter turns NaN at the end of optimizer step ``step``, as a faulty
+    update (not a NaN loss or gradient) would leave it."""
+    saved = dict(METHODS)
+
+    def faulty(cls: type[Method]) -> type[Method]:
+        class Faulty(cls):  # type: ignore[valid-type,misc]
+            def on_step_end(self, at: int, total_steps: int, gate: torch.Tensor | None = None) -> None:
+                super().on_step_end(at, total_steps, gate)
+                if at == step:
+                    with torch.no_grad():
+                        next(self.parameters()).fill_(float("nan"))
+
+        Faulty.__name__ = Faulty.__qualname__ = cls.__name__
+        return Faulty
+
+    METHODS.update({name: faulty(cls) for name, cls in saved.items()})
+    try:
+        yield
+    finally:
+        METHODS.clear()
+        METHODS.update(saved)
+
+
+@pytest.mark.parametrize("mode", ["step", "deferred"])
+def test_weights_made_nonfinite_once_are_reloaded_at_once_and_the_run_finishes(
+    tmp_path: Path, data: str, caplog: pytest.LogCaptureFixture, mode: str
+) -> None:
+    """NaN weights after step 3's update: reloaded from step 2's checkpoint at the next check, without waiting out
+    the patience; the run goes on and writes a finite final checkpoint (before: the final checkpoint was refused)."""
+    cfg = tiny_config(tmp_path, data, steps=6, log_every=2, **{"train.finite_check": mode})
+    with caplog.at_level("WARNING", logger="ssltrain"), nan_weights_after(3):
+        train(cfg)
+    assert "step 3: an update left non-finite parameters" in caplog.text
+    assert caplog.text.count("reloading the weights of") == 1
+    final = load_checkpoint(cfg.run_dir / "checkpoints/step-6")["model"]
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())

@@ -250,3 +250,123 @@ def test_resuming_with_another_method_or_backbone_is_refused(shard_dir: Path, tm
         with pytest.raises(ConfigError, match=rf"another model \({re.escape(key)} .* start a new run"):
             train(other)
     assert Checkpointer(cfg.run_dir / "checkpoints").latest().name == "step-2"  # nothing was written over it
+
+
+def _flip_bytes(file: Path, count: int = 64) -> None:
+    """Invert ``count`` bytes in the middle of ``file`` in place: same size, other content."""
+    data = bytearray(file.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
+    file.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_the_latest_checkpoint_stop_the_restart_naming_the_file(
+    shard_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 18: 64 flipped bytes in a .distcp file of the latest checkpoint used to load without complaint (NaN
+    optimizer state, NaN weights one update later). The checksums in meta.json refuse them, naming the file and the
+    way out, for the restart and for eval/export's loader; without checkpoint.fallback the error stands."""
+    cfg = tiny_config(tmp_path, str(shard_dir), steps=4)
+    train(cfg)
+    (data,) = (cfg.run_dir / "checkpoints/step-4").glob("*.distcp")
+    _flip_bytes(data)
+    cfg.steps = 6
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(data))}' does not match the sha256.*fallback=true"):
+        train(cfg)
+    assert Checkpointer(cfg.run_dir / "checkpoints").latest().name == "step-4"  # nothing trained, nothing moved
+    with pytest.raises(CheckpointError, match="does not match the sha256"):
+        load_checkpoint(cfg.run_dir)
+    load_checkpoint(cfg.run_dir / "checkpoints/step-2")
+
+
+def test_fallback_resumes_from_the_previous_checkpoint_as_if_never_stopped(
+    shard_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """checkpoint.fallback=true: the damaged latest checkpoint is moved aside and the run resumes from the one
+    before, ending with the weights of an uninterrupted run."""
+    cfg = tiny_config(tmp_path / "run", str(shard_dir), **{"checkpoint.fallback": True})
+    train(cfg, stop_after_steps=4)
+    ckpts = cfg.run_dir / "checkpoints"
+    (data,) = (ckpts / "step-4").glob("*.distcp")
+    _flip_bytes(data)
+    with caplog.at_level("INFO", logger="ssltrain"):
+        train(cfg)
+    assert f"{data}' does not match the sha256" in caplog.text
+    assert f"moved it to {ckpts / 'step-4.corrupt'}; resuming from {ckpts / 'step-2'}" in caplog.text
+    assert "resumed from" in caplog.text and "(step 2," in caplog.text
+    assert (ckpts / "step-4.corrupt").is_dir() and (ckpts / "step-4/COMPLETE").is_file()  # step 4 written anew
+    uninterrupted = train(tiny_config(tmp_path / "ref", str(shard_dir)))
+    assert_same_params(final_params(cfg.run_dir), final_params(uninterrupted))
+
+
+def test_the_final_checkpoint_refused_for_nonfinite_weights_is_an_error(shard_dir: Path, tmp_path: Path) -> None:
+    """A periodic checkpoint of non-finite weights is skipped with an error in the log (the guard reloads); the
+    final one is a CheckpointWriteError, so train() does not return as if the run had succeeded."""
+    from ssltrain.core.checkpoint_layout import CheckpointWriteError
+    from ssltrain.engine.run import build_run
+
+    cfg = tiny_config(tmp_path, str(shard_dir), steps=2)
+    run = build_run(cfg)
+    try:
+        with torch.no_grad():
+            next(run.model.parameters()).fill_(float("nan"))
+        run.step = 1
+        run.save()
+        run.step = 2
+        with pytest.raises(CheckpointWriteError, match="step 2: the final checkpoint was not written"):
+            run.save()
+    finally:
+        run.close()
+    assert Checkpointer(cfg.run_dir / "checkpoints").latest() is None
+
+
+def _cli_train(tmp_path: Path, cfg: Config, **popen: object) -> subprocess.CompletedProcess:
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(to_yaml(cfg))
+    return subprocess.run(
+        [sys.executable, "-m", "ssltrain.cli", "train", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **popen,  # type: ignore[call-overload]
+    )
+
+
+def test_a_run_whose_weights_end_nonfinite_exits_nonzero(tmp_path: Path) -> None:
+    """Issue 18 through the real CLI: a checkpoint whose optimizer state turns the weights into NaN used to end in
+    exit 0 without its final checkpoint. Now the guard reloads it once, then stops the run: exit 2, one line naming
+    the checkpoint."""
+    from test_guard import poison_optimizer_state
+
+    data = tmp_path / "data"
+    data.mkdir()
+    make_shards(data, [24, 24])
+    cfg = tiny_config(tmp_path, str(data), steps=2)
+    train(cfg)
+    poisoned = poison_optimizer_state(cfg)
+    cfg.steps = 6
+    done = _cli_train(tmp_path, cfg)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"ssltrain train: error: the parameters are not finite again after reloading '{poisoned}'" in done.stderr
+    assert Checkpointer(cfg.run_dir / "checkpoints").latest() == poisoned
+
+
+def test_a_checkpoint_write_that_fails_exits_nonzero_with_one_line(tmp_path: Path) -> None:
+    """A write that fails (here the file-size limit, as a full disk would) is a one-line error and exit 2 through
+    the CLI, not a traceback from DCP's background exception; no checkpoint counts as written."""
+    import resource
+
+    data = tmp_path / "data"
+    data.mkdir()
+    make_shards(data, [24])
+    cfg = tiny_config(tmp_path, str(data), steps=2)
+    limit = 4 << 20  # the logs fit; the checkpoint's data file (ResNet-18 weights and Adam moments) does not
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = _cli_train(tmp_path, cfg, preexec_fn=limit_file_size)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "ssltrain train: error: cannot write checkpoint" in done.stderr and "File too large" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert Checkpointer(cfg.run_dir / "checkpoints").latest() is None

@@ -3,13 +3,18 @@
 :mod:`ssltrain.core.checkpoints` loads them safely.
 
 A checkpoint is a directory ``checkpoints/step-<N>/`` holding the DCP files, ``rng-rank<r>.pt``, ``meta.json`` and
-the ``COMPLETE`` marker, written last: only directories with the marker count.
+the ``COMPLETE`` marker, written last: only directories with the marker count. ``meta.json`` records the size and
+sha256 of every other file (``files``), so that a file damaged after the commit (a flipped bit, a truncated copy)
+is refused at load instead of turning the run's weights into NaN. Checkpoints written before the checksums existed
+have no ``files`` and load unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +26,15 @@ FORMAT = 2
 SINGLE_PROCESS_DCP_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 
 
+FILES = "files"  # meta.json's record of the checkpoint's files: name -> {"bytes": size, "sha256": hex digest}
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be used; resuming from scratch silently would lose the run."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint, the final one included, could not be written: the run must not end as if it had succeeded."""
 
 
 def complete_checkpoints(directory: Path) -> list[tuple[int, Path]]:
@@ -63,3 +75,41 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"cannot read '{path / META_FILE}': {err}. Delete '{path}' to resume from the previous checkpoint."
         ) from err
+
+
+def checkpoint_files(path: Path) -> list[str]:
+    """The names of a checkpoint directory's data files: everything but ``meta.json``, the marker and temporaries."""
+    skip = (META_FILE, MARKER)
+    return sorted(f.name for f in Path(path).iterdir() if f.is_file() and f.name not in skip and ".tmp" not in f.name)
+
+
+def file_checksums(path: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{name: {"bytes": size, "sha256": hex}}`` of the files ``names`` in directory ``path``."""
+    out = {}
+    buffer = bytearray(1 << 22)
+    view = memoryview(buffer)
+    for name in names:
+        digest, size = hashlib.sha256(), 0
+        with open(Path(path) / name, "rb") as f:
+            while n := f.readinto(buffer):
+                digest.update(view[:n])  # hashlib releases the GIL here: a background hash leaves training alone
+                size += n
+        out[name] = {"bytes": size, "sha256": digest.hexdigest()}
+    return out
+
+
+def checksum_problem(path: Path, recorded: dict[str, dict[str, Any]], names: Iterable[str]) -> str | None:
+    """What is wrong with the files ``names`` of checkpoint ``path`` against their ``recorded`` size and sha256
+    (missing, another size, another content), or None when they match."""
+    for name in names:
+        file, want = Path(path) / name, recorded[name]
+        try:
+            size = file.stat().st_size
+            if size != want["bytes"]:
+                return f"'{file}' has {size} bytes where {want['bytes']} were written"
+            got = file_checksums(path, [name])[name]["sha256"]
+        except OSError as err:
+            return f"cannot read '{file}': {err}"
+        if got != want["sha256"]:
+            return f"'{file}' does not match the sha256 recorded when it was written"
+    return None

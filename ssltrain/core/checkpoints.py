@@ -1,9 +1,10 @@
-"""Loading checkpoints safely, gathered whole into one process (evaluation, export): tensors only, loaded with
-``weights_only=True``, and DCP's pickled ``.metadata`` read by an unpickler that admits DCP's own metadata classes
-and nothing else."""
+"""Loading checkpoints safely, gathered whole into one process (evaluation, export): every file checked against the
+checksums in ``meta.json``, tensors only, loaded with ``weights_only=True``, and DCP's pickled ``.metadata`` read
+by an unpickler that admits DCP's own metadata classes and nothing else."""
 
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,16 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
-from ssltrain.core.checkpoint_layout import STEP_DIR, CheckpointError, latest_checkpoint, read_meta
+from ssltrain.core.checkpoint_layout import (
+    FILES,
+    STEP_DIR,
+    CheckpointError,
+    checksum_problem,
+    latest_checkpoint,
+    read_meta,
+)
+
+log = logging.getLogger("ssltrain")
 
 _ALLOWED_GLOBALS = {
     ("torch", "Size"),
@@ -22,6 +32,24 @@ _ALLOWED_GLOBALS = {
     ("pathlib", "WindowsPath"),
     ("collections", "OrderedDict"),
 }
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for a failed checkpoint read or write: DCP's CheckpointException prints every rank's traceback, so
+    take the first rank's exception instead, and an OSError behind it (a full disk, a file-size limit) where there
+    is one, since torch's writer reports those as an unrelated RuntimeError."""
+    where = ""
+    if isinstance(err, CheckpointException) and err.failures:
+        failed_rank, (err, _) = next(iter(err.failures.items()))
+        where = f"rank {failed_rank}: "
+    chain: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    root = next((e for e in chain if isinstance(e, OSError)), err)
+    text = " ".join(str(root).split())
+    return f"{where}{type(root).__name__}: {text}"
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -73,6 +101,13 @@ def load_checkpoint(path: Path, parts: tuple[str, ...] = ("model",)) -> dict[str
             raise CheckpointError(f"no complete checkpoint under '{path}'; train first, or give a step-<N> directory")
         path = found
     meta = read_meta(path)
+    recorded = meta.get(FILES)
+    if recorded is None:
+        log.warning("checkpoint %s has no checksums (written by an older ssltrain): loading it unverified", path)
+    elif problem := checksum_problem(path, recorded, sorted(recorded)):
+        raise CheckpointError(
+            f"checkpoint '{path}' is damaged: {problem}. Give an earlier step-<N> directory of '{path.parent}' instead."
+        )
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
@@ -87,5 +122,5 @@ def load_checkpoint(path: Path, parts: tuple[str, ...] = ("model",)) -> dict[str
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as err:  # noqa: BLE001 (DCP's CheckpointException is a BaseException)
-        raise CheckpointError(f"cannot load checkpoint '{path}': {type(err).__name__}: {err}") from err
+        raise CheckpointError(f"cannot load checkpoint '{path}': {describe_error(err)}") from err
     return {**state, "path": str(path), **meta}

@@ -56,14 +56,14 @@ class _GatherWithGrad(torch.autograd.Function):
     rows."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor) -> Tensor:
         counts = _row_counts(x.shape[0], x.device)
         ctx.start = sum(counts[: dist.get_rank()])
         ctx.rows = x.shape[0]
         return _all_gather_rows(x, counts)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # gloo has no reduce_scatter; this is its sum, then our rows
         return grad[ctx.start : ctx.start + ctx.rows]
@@ -73,13 +73,13 @@ class _AllReduceSumWithGrad(torch.autograd.Function):
     """Sum over ranks; the backward is a sum over ranks too (each rank's copy of the result fed a loss)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor) -> Tensor:
         out = x.clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> Tensor:
         grad = grad.clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad
@@ -87,12 +87,12 @@ class _AllReduceSumWithGrad(torch.autograd.Function):
 
 class _ScaleGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, factor: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
         ctx.factor = factor
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         return grad * ctx.factor, None
 
 
@@ -181,6 +181,16 @@ def broadcast_buffers(module: nn.Module) -> None:
         for buffer in module.buffers():
             if not hasattr(buffer, "device_mesh"):  # DTensor buffers are sharded, not replicated
                 dist.broadcast(buffer, src=0)
+
+
+def gather_objects(obj: object) -> list:
+    """Every rank's ``obj`` (small, picklable: names, digests, messages), in rank order, on every rank; through the
+    CPU group (gloo), so no GPU is involved. ``[obj]`` in one process."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def agree(flag: bool) -> bool:

@@ -4,15 +4,18 @@ A checkpoint is a directory ``checkpoints/step-<N>/``:
 
 - the DCP files (``.metadata``, ``__<rank>_0.distcp``): model and optimizer tensors, each rank writing its part;
 - ``rng-rank<r>.pt``: every rank's RNG states (written by that rank; loaded with ``weights_only=True``);
-- ``meta.json``: step, data position, sample counts, world size, the resolved config;
-- ``COMPLETE``: the commit marker, written by rank 0 last, after a barrier that follows every rank's writes.
+- ``meta.json``: step, data position, sample counts, world size, the resolved config, and the size and sha256 of
+  every other file (each rank hashes the files it wrote, after writing them: in the background thread for an async
+  save; rank 0 gathers them at the commit);
+- ``COMPLETE``: the commit marker, written by rank 0 last, after every rank's writes.
 
 Only directories with the marker count, so a crash or ``kill -9`` at any moment (mid-write included) leaves the
 previous checkpoint as the latest loadable one; incomplete directories are removed at the next start.
 
-Loading is safe for checkpoints from elsewhere: only tensors are stored (no pickled objects), tensor data loads
-with ``weights_only=True``, and DCP's pickled ``.metadata`` is read by an unpickler that admits DCP's own
-metadata classes and nothing else.
+Loading verifies every file against ``meta.json`` first (each rank hashes its share), so a damaged file is an
+error naming it, never weights that silently turn into NaN. Loading is safe for checkpoints from elsewhere: only
+tensors are stored (no pickled objects), tensor data loads with ``weights_only=True``, and DCP's pickled
+``.metadata`` is read by an unpickler that admits DCP's own metadata classes and nothing else.
 
 Resharding: DCP stores global tensor shapes and each rank's chunk, so a checkpoint written by 4 ranks loads on 2
 (or 1, for ``ssltrain eval``/``export``). Parameters sharded by ssltrain itself (DIET's N-way head, tagged
@@ -25,12 +28,14 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
+import threading
 import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -41,18 +46,31 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ssltrain.core.checkpoint_layout import (
+    FILES,
     FORMAT,
     MARKER,
     META_FILE,
     SINGLE_PROCESS_DCP_WARNING,
     STEP_DIR,
     CheckpointError,
+    CheckpointWriteError,
+    checkpoint_files,
+    checksum_problem,
     complete_checkpoints,
+    file_checksums,
     latest_checkpoint,
     read_meta,
 )
-from ssltrain.core.checkpoints import SafeReader
-from ssltrain.core.collectives import barrier, broadcast_buffers, is_distributed, rank, world_size
+from ssltrain.core.checkpoints import SafeReader, describe_error
+from ssltrain.core.collectives import (
+    agree,
+    barrier,
+    broadcast_buffers,
+    gather_objects,
+    is_distributed,
+    rank,
+    world_size,
+)
 
 log = logging.getLogger("ssltrain")
 # DCP says so on every single-process save and load; a single process is a supported, intended use here.
@@ -81,15 +99,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    if not isinstance(np_state, tuple):  # legacy=True gives the MT19937 tuple; the check narrows numpy's union type
+        raise TypeError(f"numpy's legacy RNG state is a {type(np_state).__name__}, not the MT19937 tuple")
+    _, key, pos, has_gauss, cached_gaussian = np_state
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": {
-            "key": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
         },
     }
     if torch.cuda.is_available():
@@ -139,32 +160,33 @@ def _sharded_rows(model: nn.Module) -> dict[str, int]:
     """FQN -> global row count of every parameter ssltrain shards by rows itself."""
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     return {
-        name: int(p.ssltrain_total_rows)
+        name: int(vars(p)["ssltrain_total_rows"])  # set beside ssltrain_sharded (methods/diet.py)
         for name, p in inner.named_parameters()
         if getattr(p, "ssltrain_sharded", False)
     }
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``({"model": ..., "optim": ...}`` of tensors for DCP, the optimizer's param_groups) from the wrapped model."""
     # DCP saves a replicated tensor from whichever rank its planner picks: without this a resumed run could continue
     # from rank 1's BatchNorm statistics where the uninterrupted one keeps rank 0's (DDP's). Under FSDP it makes
     # the saved statistics rank 0's, as under DDP.
     broadcast_buffers(model)
-    msd, osd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    osd = cast(dict[str, Any], optim_sd)  # {"state": {fqn: {name: value}}, "param_groups": [...]}
     # The per-parameter dicts are the optimizer's live state: copy them before swapping in DTensor views.
-    osd["state"] = {fqn: dict(states) for fqn, states in osd["state"].items()}
-    msd = dict(msd)
+    optim: dict[str, dict[str, Any]] = {fqn: dict(states) for fqn, states in osd["state"].items()}
+    msd: dict[str, Any] = dict(model_sd)
     for fqn, total in _sharded_rows(model).items():
         msd[fqn] = _global_rows(msd[fqn], total)
-        for key, value in osd["state"].get(fqn, {}).items():
+        for key, value in optim.get(fqn, {}).items():
             if isinstance(value, Tensor) and value.dim() > 0:
-                osd["state"][fqn][key] = _global_rows(value, total)
-    for states in osd["state"].values():
+                optim[fqn][key] = _global_rows(value, total)
+    for states in optim.values():
         for key, value in states.items():
             if not isinstance(value, Tensor):
                 states[key] = torch.tensor(value)  # e.g. a step count kept as a number: stored as a tensor
-    return {"model": msd, "optim": osd["state"]}, osd["param_groups"]
+    return {"model": msd, "optim": optim}, osd["param_groups"]
 
 
 def _local(value: Any) -> Any:
@@ -180,17 +202,49 @@ def _local(value: Any) -> Any:
 class _Pending:
     step: int
     path: Path
-    future: Future | None
+    checksums: Future  # this rank's files' sizes and sha256, once they are written (see _own_files)
     meta: dict[str, Any]
+
+
+def _own_files(path: Path, names: list[str]) -> list[str]:
+    """The files of ``path`` this rank wrote: ``names`` (RNG state, extras), its DCP data files (``__<rank>_<n>.distcp``
+    in DCP's naming) and, on rank 0 (DCP's coordinator), ``.metadata``. Rank 0 hashes whatever this misses at the
+    commit, so another naming costs time, never a file without a checksum."""
+    data = re.compile(rf"^__{rank()}_\d+\.distcp$")
+    return [n for n in checkpoint_files(path) if n in names or data.match(n) or (rank() == 0 and n == ".metadata")]
+
+
+def _hash_when_written(path: Path, names: list[str], written: Any = None) -> dict[str, dict[str, Any]]:
+    """Wait for a background write (``written``: DCP's future), then hash this rank's files of ``path``."""
+    if written is not None:
+        getattr(written, "upload_completion", written).result()  # a Future, or DCP's AsyncSaveResponse
+    return file_checksums(path, _own_files(path, names))
+
+
+def _run_into(future: Future, fn: Any, *args: Any) -> Future:
+    """Run ``fn(*args)`` and put its result, or its exception, into ``future``."""
+    try:
+        future.set_result(fn(*args))
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - handed to wait(), which every rank agrees on
+        future.set_exception(err)
+    return future
+
+
+def _write_error(path: Path, err: BaseException | None) -> CheckpointWriteError:
+    cause = describe_error(err) if err is not None else "another rank could not write its part"
+    return CheckpointWriteError(
+        f"cannot write checkpoint '{path}': {cause}. The previous complete checkpoint stays the latest; check the "
+        f"free space and permissions of '{path.parent}'"
+    )
 
 
 class Checkpointer:
     """Saves, commits, retains and finds checkpoints in one directory (shared by all ranks).
 
     Retention keeps the ``keep`` most recent complete checkpoints and every one whose step is a multiple of
-    ``keep_every`` (0: none). With ``async_save`` the tensors are copied to host memory and written by a background
-    thread while training goes on; the commit marker follows when the write has finished (checked at the next
-    save, and at the end of the run), so until then the previous checkpoint is the latest.
+    ``keep_every`` (0: none). With ``async_save`` the tensors are copied to host memory, written and hashed by
+    background threads while training goes on; the commit marker follows when both have finished (checked at the
+    next save, and at the end of the run), so until then the previous checkpoint is the latest.
     """
 
     def __init__(self, directory: Path, keep: int = 3, keep_every: int = 0, async_save: bool = False) -> None:
@@ -239,17 +293,31 @@ class Checkpointer:
             shutil.rmtree(path)
         barrier()
         state, _ = training_state(model, optimizer)
-        os.makedirs(path, exist_ok=True)
-        torch.save(rng_state(), path / f"rng-rank{rank()}.pt")
-        for name, value in (extra or {}).items():
-            torch.save(value, path / name)
+        names = [f"rng-rank{rank()}.pt", *(extra or {})]
+        error: BaseException | None = None
+        try:
+            os.makedirs(path, exist_ok=True)
+            torch.save(rng_state(), path / names[0])
+            for name, value in (extra or {}).items():
+                torch.save(value, path / name)
+        except Exception as err:  # noqa: BLE001 - torch.save reports a full disk as a RuntimeError
+            error = err
+        if agree(error is not None):  # every rank stops, or none: the others would wait in DCP's collectives
+            raise _write_error(path, error) from error
         meta = dict(meta, format=FORMAT, world_size=world_size())
-        if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=str(path), process_group=self._background_group())
-            self._pending = _Pending(step, path, future, meta)  # type: ignore[arg-type]
-        else:
-            dcp.save(state, checkpoint_id=str(path))
-            self._pending = _Pending(step, path, None, meta)
+        try:
+            checksums: Future = Future()
+            if self.async_save:  # the write, then the hashing, off the training thread
+                written = dcp.async_save(state, checkpoint_id=str(path), process_group=self._background_group())
+                args = (checksums, _hash_when_written, path, names, written)
+                threading.Thread(target=_run_into, args=args, name="ssltrain-checksums", daemon=True).start()
+            else:
+                dcp.save(state, checkpoint_id=str(path))
+                _run_into(checksums, _hash_when_written, path, names)
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - DCP raises on every rank when any failed
+            raise _write_error(path, err) from err
+        self._pending = _Pending(step, path, checksums, meta)
+        if not self.async_save:
             self.wait()
         return path
 
@@ -260,18 +328,33 @@ class Checkpointer:
         return self._async_group
 
     def wait(self) -> None:
-        """Finish a pending write and commit it: barrier, then rank 0 writes meta.json and the marker, then prunes."""
+        """Finish a pending write and commit it: once every rank's files are written and hashed, rank 0 writes
+        meta.json (with every file's checksum) and the marker, then prunes. A failed write is a
+        :class:`CheckpointWriteError` on every rank, and the previous checkpoint stays the latest."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        if pending.future is not None:
-            pending.future.result()
-        barrier()
+        path, error = pending.path, None
+        try:
+            mine = pending.checksums.result()
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - a write or read error of this rank
+            mine, error = {}, err
+        if agree(error is not None):
+            raise _write_error(path, error) from error
+        files: dict[str, Any] = {}
+        for part in gather_objects(mine):  # also the barrier after every rank's writes
+            files.update(part)
         if rank() == 0:
-            _write_atomic(pending.path / META_FILE, json.dumps(pending.meta, indent=1).encode())
-            _write_atomic(pending.path / MARKER, b"")
-            self._prune()
-        barrier()
+            try:
+                files.update(file_checksums(path, [n for n in checkpoint_files(path) if n not in files]))
+                meta = dict(pending.meta, **{FILES: dict(sorted(files.items()))})
+                _write_atomic(path / META_FILE, json.dumps(meta, indent=1).encode())
+                _write_atomic(path / MARKER, b"")
+                self._prune()
+            except OSError as err:
+                error = err
+        if agree(error is not None):
+            raise _write_error(path, error) from error
 
     def _prune(self) -> None:
         done = self.complete()
@@ -282,9 +365,28 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
 
+def verify_checkpoint(path: Path, meta: dict[str, Any]) -> None:
+    """Check the files of checkpoint ``path`` against the sizes and sha256 in its ``meta.json`` (collective: each rank
+    hashes its share of the files); a CheckpointError names the first damaged one and the way out."""
+    recorded = meta.get(FILES)
+    if recorded is None:
+        if rank() == 0:
+            log.warning("checkpoint %s has no checksums (written by an older ssltrain): loading it unverified", path)
+        return
+    names = sorted(recorded)
+    problems = [p for p in gather_objects(checksum_problem(path, recorded, names[rank() :: world_size()])) if p]
+    if problems:
+        raise CheckpointError(
+            f"checkpoint '{path}' is damaged: {problems[0]}. Delete that directory to resume from the previous "
+            "checkpoint, or set checkpoint.fallback=true to fall back to it automatically."
+        )
+
+
 def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load model and optimizer in place (resharded to this world size), this rank's RNG; returns meta.json."""
+    """Verify checkpoint ``path``'s files, then load model and optimizer in place (resharded to this world size) and
+    this rank's RNG; returns meta.json. Collective."""
     meta = read_meta(path)
+    verify_checkpoint(path, meta)
     state, param_groups = training_state(model, optimizer)
     reader = SafeReader(str(path))
     try:
@@ -301,12 +403,13 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
         raise
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - any failure must name the checkpoint and the way out
         raise CheckpointError(
-            f"cannot load checkpoint '{path}': {type(err).__name__}: {err}. Delete that directory "
-            "to resume from the previous one, or start a fresh run (checkpoint.resume=false)."
+            f"cannot load checkpoint '{path}': {describe_error(err)}. Delete that directory to resume from "
+            "the previous one (checkpoint.fallback=true does so automatically), or start a fresh run "
+            "(checkpoint.resume=false)."
         ) from err
     rows = _sharded_rows(model)
     msd = {k: _local(v) for k, v in state["model"].items()}
-    optim_state = {fqn: {k: _local(v) for k, v in s.items()} for fqn, s in state["optim"].items()}
+    optim_state: dict[str, Any] = {fqn: {k: _local(v) for k, v in s.items()} for fqn, s in state["optim"].items()}
     for fqn in rows:  # loaded into the unpadded rows; put them back into the padded local tensors
         msd[fqn] = _padded_like(model, fqn, msd[fqn])
         for key, value in optim_state.get(fqn, {}).items():

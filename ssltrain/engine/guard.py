@@ -16,17 +16,26 @@
 The forward itself moves the norm layers' running statistics, before anyone knows whether the step is finite: a
 batch with a NaN activation would leave NaN running means in every later checkpoint and evaluation. ``begin_step``
 remembers them, and a skipped step puts them back (in deferred mode by a ``torch.where`` on the device).
+
+A finite loss and finite gradients do not make a finite update: a corrupt optimizer state (a NaN or negative second
+moment) turns the weights into NaN. ``after_update`` notes on the device whether the parameters are still finite
+(one multi-tensor norm), and ``check`` reads it with the counts (every step in ``step`` mode, at log steps in
+``deferred``). The weights are then lost, so the loop reloads the last checkpoint at once instead of waiting out the
+patience; if the parameters turn non-finite again right after that reload, the checkpoint's own state is the
+cause and the run stops with an error naming it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ssltrain.config import ConfigError
+from ssltrain.core.checkpoint_layout import CheckpointError
 from ssltrain.core.collectives import agree, is_distributed
 from ssltrain.models.ema import copy_where
 
@@ -38,15 +47,29 @@ def _local_grads(model: nn.Module) -> list[Tensor]:
     ]
 
 
-def nonfinite_flag(loss: Tensor, model: nn.Module) -> Tensor:
-    """1.0 where the loss or any local gradient is not finite, else 0.0: a 0-d float32 tensor on the loss's device.
+def any_nonfinite(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """True (a 0-d bool tensor on ``device``) where any element of ``tensors`` is NaN or infinite, without a host read.
 
-    ``_foreach_norm`` is a few multi-tensor kernels (a norm is not finite iff an element is not)."""
-    bad = ~torch.isfinite(loss.detach().float())
-    grads = _local_grads(model)
-    if grads:
-        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
-        bad = bad | ~torch.isfinite(norms).all()
+    ``_foreach_norm`` is a few multi-tensor kernels per device (a norm is not finite iff an element is not)."""
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        if t.is_floating_point() and t.numel():
+            by_device.setdefault(t.device, []).append(t)
+    for group in by_device.values():
+        norms = torch.stack([n.float() for n in torch._foreach_norm(group)])
+        bad = bad | ~torch.isfinite(norms).all().to(device)
+    return bad
+
+
+def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
+    """This rank's part of each tensor (an FSDP DTensor's local shard; plain tensors as they are)."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+
+
+def nonfinite_flag(loss: Tensor, model: nn.Module) -> Tensor:
+    """1.0 where the loss or any local gradient is not finite, else 0.0: a 0-d float32 tensor on the loss's device."""
+    bad = ~torch.isfinite(loss.detach().float()) | any_nonfinite(_local_grads(model), loss.device)
     return bad.float()
 
 
@@ -87,11 +110,13 @@ class Verdict:
 @dataclass
 class GuardReport:
     """What the host learns at a check: non-finite steps in all, since the last check, and the longest run of them
-    in a row seen since the last check (the patience test: reload the last checkpoint when it is long enough)."""
+    in a row seen since the last check (the patience test: reload the last checkpoint when it is long enough), and
+    whether an update since the last check left non-finite parameters (reload at once: the weights are lost)."""
 
     total: int
     new: int
     longest_run: int
+    params_nonfinite: bool = False
 
 
 class FiniteGuard:
@@ -116,6 +141,9 @@ class FiniteGuard:
         self._watched: nn.Module | None = None
         self._statistics: list[Tensor] = []  # the model's norm buffers and their values before this step's forward
         self._saved: list[Tensor] = []
+        self._params_bad: Tensor | None = None  # whether an update since the last check left non-finite parameters
+        self._params_seen = False  # what the last check found
+        self._reloaded: Path | None = None  # reloaded for non-finite parameters; None once an update stays finite
         if mode == "deferred":  # device-side counters: total, current run, longest run since the last check
             self._counts = torch.zeros(3, device=device)
 
@@ -148,19 +176,47 @@ class FiniteGuard:
         copy_where(flag.to(dtype=torch.bool), self._statistics, self._saved)
         return Verdict(apply=True, found_inf=flag)
 
+    def after_update(self, model: nn.Module) -> None:
+        """After the update and the EMA teachers: note on the device whether every parameter is still finite (no host
+        read; :meth:`check` reads it)."""
+        params = local_tensors([p.detach() for p in model.parameters()])
+        if not params:
+            return
+        bad = any_nonfinite(params, params[0].device)
+        self._params_bad = bad if self._params_bad is None else self._params_bad | bad
+
     def check(self) -> GuardReport:
-        """The counts so far. In deferred mode this reads the device (a sync): call it at log steps."""
+        """The counts so far, and whether an update left non-finite parameters (agreed by every rank). This reads the
+        device (a sync): in deferred mode call it at log steps.
+
+        Raises CheckpointError when the parameters are non-finite again after a reload made for that reason: the
+        reloaded checkpoint's state makes the update non-finite, and reloading it again would loop."""
+        params = False
+        if self._params_bad is not None:  # an update ran since the last check (on every rank alike)
+            params = agree(bool(self._params_bad.item()))
+            self._params_bad = None
+            if params and self._reloaded is not None:
+                raise CheckpointError(
+                    f"the parameters are not finite again after reloading '{self._reloaded}', although the losses "
+                    "and gradients were finite: the optimizer state saved there (or optim.lr) makes the updates "
+                    f"non-finite. Delete '{self._reloaded}' and any later checkpoint to resume from the one before "
+                    "it, or lower optim.lr"
+                )
+            if not params:
+                self._reloaded = None
+        self._params_seen = params
         if self.mode == "deferred":
             total, run, longest = (int(v) for v in self._counts.tolist())
             self._total, self._run = total, run
             self._longest = longest
             self._counts[2] = self._counts[1]  # the next window's longest run starts from the current one
-        report = GuardReport(self._total, self._total - self._reported, self._longest)
+        report = GuardReport(self._total, self._total - self._reported, self._longest, params)
         self._reported, self._longest = self._total, self._run
         return report
 
-    def reset_run(self) -> None:
-        """Forget the current run of non-finite steps (after the weights were reloaded)."""
+    def reset_run(self, reloaded: Path | None = None) -> None:
+        """Forget the current run of non-finite steps (after the weights were ``reloaded`` from that checkpoint)."""
+        self._reloaded = reloaded if self._params_seen else None
         self._run = self._longest = 0
         if self.mode == "deferred":
             self._counts[1:] = 0

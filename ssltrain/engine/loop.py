@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ssltrain.config import Config
+from ssltrain.core.checkpoint_layout import CheckpointError
 from ssltrain.core.collectives import agree
 from ssltrain.engine.preemption import StopRequest
 from ssltrain.engine.progress import Progress
@@ -77,18 +78,17 @@ def check_finite(run: Run, log_due: bool) -> None:
             report.total,
             "" if run.cfg.train.finite_check == "step" else f"; {report.new} of the steps since the last log step",
         )
-    if report.longest_run >= run.cfg.faults.nonfinite_patience:
+    if report.params_nonfinite or report.longest_run >= run.cfg.faults.nonfinite_patience:
+        why = (
+            "an update left non-finite parameters (its loss and gradients were finite)"
+            if report.params_nonfinite
+            else f"{report.longest_run} non-finite steps in a row"
+        )
         latest = run.checkpointer.latest()
         if latest is None:
-            raise RuntimeError(
-                f"{report.longest_run} non-finite steps in a row and no checkpoint to reload; lower "
-                "optim.lr or raise optim.warmup_steps"
-            )
+            raise CheckpointError(f"{why} and no checkpoint to reload; lower optim.lr or raise optim.warmup_steps")
         log.warning(
-            "step %d: %d non-finite steps in a row; reloading the weights of %s and continuing with the data from here",
-            run.step - 1,
-            report.longest_run,
-            latest,
+            "step %d: %s; reloading the weights of %s and continuing with the data from here", run.step - 1, why, latest
         )
         run.reload_weights(latest)
 

@@ -27,6 +27,9 @@ from ssltrain.engine.apex_probe import load_apex
 
 log = logging.getLogger("ssltrain")
 
+# What torch's multi-tensor (``_foreach_*``) functions take and return.
+TensorList = list[Tensor] | tuple[Tensor, ...]
+
 APEX_MISSING = (
     "optim.impl=apex, but NVIDIA apex cannot be imported. It ships in the NGC PyTorch containers (the "
     "Dockerfile builds on one; see docs/docker.md), or build it from https://github.com/NVIDIA/apex with "
@@ -45,7 +48,7 @@ def _trust_ratio(param_norm: Tensor, update_norm: Tensor, eta: float) -> Tensor:
     return torch.where((param_norm > 0) & (update_norm > 0), eta * param_norm / update_norm, one)
 
 
-def _trust_ratios(params: list[Tensor], updates: list[Tensor], eta: float) -> list[Tensor]:
+def _trust_ratios(params: TensorList, updates: TensorList, eta: float) -> list[Tensor]:
     """One 0-d ratio per tensor: two multi-tensor norm kernels for plain tensors; per tensor for FSDP's DTensors,
     whose norms are reductions across ranks."""
     if any(_is_dtensor(p) for p in params):
@@ -55,12 +58,12 @@ def _trust_ratios(params: list[Tensor], updates: list[Tensor], eta: float) -> li
     return list(_trust_ratio(param_norms, update_norms, eta).unbind())
 
 
-def _zero_nonfinite(tensors: list[Tensor]) -> list[Tensor]:
+def _zero_nonfinite(tensors: TensorList) -> list[Tensor]:
     """Copies with NaN and inf entries set to 0, before a device-side skip masks them (NaN * 0 is NaN)."""
     return [torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in tensors]
 
 
-def _scaled(updates: list[Tensor], ratios: list[Tensor]) -> list[Tensor]:
+def _scaled(updates: TensorList, ratios: TensorList) -> TensorList:
     """Each update times its ratio: one multi-tensor kernel for plain tensors, per tensor for DTensors."""
     if any(_is_dtensor(u) for u in updates):
         return [u.mul(q) for u, q in zip(updates, ratios)]
@@ -70,7 +73,7 @@ def _scaled(updates: list[Tensor], ratios: list[Tensor]) -> list[Tensor]:
 def _momentum_step(
     optimizer: torch.optim.Optimizer,
     params: list[Tensor],
-    updates: list[Tensor],
+    updates: TensorList,
     momentum: float,
     lr: float,
     keep: Tensor | None = None,
@@ -104,7 +107,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
     """The ``step`` of LARS and LAMB: the closure, then ``_update_group`` for each group's parameters with grads."""
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -117,6 +120,11 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
 
     def _update_group(self, group: dict, params: list[Tensor]) -> None:
         raise NotImplementedError
+
+
+def _grads(params: list[Tensor]) -> TensorList:
+    """The gradients of ``params`` (``step`` passes only parameters that have one)."""
+    return [p.grad for p in params if p.grad is not None]
 
 
 class LARS(_MultiTensorOptimizer):
@@ -139,7 +147,7 @@ class LARS(_MultiTensorOptimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, exclude=False))
 
     def _update_group(self, group: dict, params: list[Tensor]) -> None:
-        updates = [p.grad for p in params]
+        updates = _grads(params)
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None:
             updates = _zero_nonfinite(updates)
@@ -180,7 +188,7 @@ class LAMB(_MultiTensorOptimizer):
         beta1, beta2 = group["betas"]
         found_inf = getattr(self, "found_inf", None)
         keep = None if found_inf is None else 1.0 - found_inf.to(params[0].device)
-        grads = [p.grad for p in params]
+        grads = _grads(params)
         if keep is not None:  # a skipped step's gradients become 0
             grads = torch._foreach_mul(_zero_nonfinite(grads), keep)
         for p in params:
@@ -211,13 +219,13 @@ class LAMB(_MultiTensorOptimizer):
                 torch._foreach_add_(old, new)
             # In float64 as the host's Python floats are; a first step that was skipped leaves the count at 0, and
             # the clamp keeps 0 / 0 out of the (then discarded) update.
-            steps = torch.stack([self.state[p]["step"] for p in params]).double().clamp_min(1)
-            corrections1 = list((1 - beta1**steps).float().unbind())
-            corrections2 = list((1 - beta2**steps).float().unbind())
+            counts = torch.stack([self.state[p]["step"] for p in params]).double().clamp_min(1)
+            corrections1 = list((1 - beta1**counts).float().unbind())
+            corrections2 = list((1 - beta2**counts).float().unbind())
         m_hat = torch._foreach_div(m, corrections1)
         denom = torch._foreach_sqrt(torch._foreach_div(v, corrections2))
         torch._foreach_add_(denom, group["eps"])
-        updates = torch._foreach_div(m_hat, denom)
+        updates: TensorList = torch._foreach_div(m_hat, denom)
         if group["weight_decay"] != 0:
             torch._foreach_add_(updates, params, alpha=group["weight_decay"])
             updates = _scaled(updates, _trust_ratios(params, updates, 1.0))
@@ -260,6 +268,8 @@ def _apex_optimizer(kind: str, groups: list[dict], cfg: OptimConfig, lr: float) 
     """apex's FusedAdam (AdamW mode) or FusedLAMB, taking ``zero_grad(set_to_none=...)`` like torch's optimizers
     (apex's own ``zero_grad`` takes no argument in some releases)."""
     apex = _apex_optimizers()
+    if apex is None:  # resolve_impl chose apex only where it imports
+        raise ConfigError(APEX_MISSING)
     base = apex.FusedAdam if kind == "adamw" else apex.FusedLAMB
 
     class Fused(base):  # type: ignore[misc, valid-type]
@@ -284,7 +294,8 @@ def _apex_optimizer(kind: str, groups: list[dict], cfg: OptimConfig, lr: float) 
 
 def param_groups(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
     """Split trainable parameters into (decayed/adapted, excluded): excluded are biases and norm weights (1-D)."""
-    regular, excluded = [], []
+    regular: list[Tensor] = []
+    excluded: list[Tensor] = []
     for p in model.parameters():
         if p.requires_grad:
             (excluded if p.ndim <= 1 else regular).append(p)
@@ -313,7 +324,8 @@ def _by_sharding(groups: list[dict]) -> list[dict]:
 def _by_lr_scale(model: nn.Module, groups: list[dict]) -> list[dict]:
     """Split each group by the method's learning-rate multipliers (``Method.lr_scales``: parameter-name prefix ->
     scale); a scaled part gets ``lr_scale``, which :func:`set_lr` applies on the common schedule."""
-    scales = model.lr_scales() if hasattr(model, "lr_scales") else {}
+    lr_scales = getattr(model, "lr_scales", None)
+    scales: dict[str, float] = lr_scales() if callable(lr_scales) else {}
     if not scales:
         return groups
     scale_of = {
@@ -339,13 +351,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> to
         return LARS(groups, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, eta=cfg.eta)
     if cfg.name not in ("adamw", "lamb"):
         raise ValueError(f"unknown optimizer '{cfg.name}'; choose lars, adamw or lamb")
+    beta1, beta2 = cfg.betas
     groups = _by_lr_scale(model, _by_sharding([{"params": regular}, {"params": excluded, "weight_decay": 0.0}]))
     if resolve_impl(cfg, [p for g in groups for p in g["params"]]) == "apex":
         return _apex_optimizer(cfg.name, groups, cfg, lr)
     if cfg.name == "lamb":
-        return LAMB(groups, lr=lr, betas=tuple(cfg.betas), eps=1e-6, weight_decay=cfg.weight_decay)
+        return LAMB(groups, lr=lr, betas=(beta1, beta2), eps=1e-6, weight_decay=cfg.weight_decay)
     # The fused kernel (CPU and CUDA) rather than the per-tensor loop: see docs/results.md for the measured gain.
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), fused=True)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, betas=(beta1, beta2), fused=True)
 
 
 def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int, min_lr_ratio: float) -> float:

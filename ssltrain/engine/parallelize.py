@@ -88,7 +88,7 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     units: list[nn.Module] = []
     for net in backbones(model):
         blocks = getattr(net, "blocks", None)
-        units += list(blocks) if blocks is not None else [net.layer1, net.layer2, net.layer3, net.layer4]
+        units += list(blocks) if blocks is not None else [net.get_submodule(f"layer{i}") for i in range(1, 5)]
     return units
 
 

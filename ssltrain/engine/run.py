@@ -280,7 +280,13 @@ def _resolved(cfg: Config, catalog: ShardCatalog) -> Config:
 def _check_same_model(cfg: Config, path: Path) -> None:
     """Refuse to resume a checkpoint of another model: the run would go on under the old run's name with weights
     that were never trained for this method, or fail deep inside the loader on mismatched shapes."""
-    problem = check_same_model(from_yaml_text(read_meta(path)["config"], str(path)), cfg)
+    try:
+        saved = from_yaml_text(read_meta(path)["config"], str(path))
+    except CheckpointError:
+        if cfg.checkpoint.fallback:
+            return  # an unreadable latest checkpoint: Run.load falls back to an earlier one
+        raise
+    problem = check_same_model(saved, cfg)
     if problem:
         raise ConfigError(f"run directory '{cfg.run_dir}' {problem}")
 

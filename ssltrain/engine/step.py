@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from ssltrain.core.collectives import agree
@@ -95,6 +96,7 @@ def update(run: Run, loss: Tensor) -> Tensor | None:
         torch.nn.utils.clip_grads_with_norm_(params, run.cfg.optim.grad_clip, grad_norm, foreach=True)
     optimizer_step(run.optimizer, verdict.found_inf)
     run.model.on_step_end(run.step, run.cfg.steps, verdict.keep)
+    run.guard.after_update(run.model)  # are the parameters still finite? (read at the guard's check)
     return grad_norm
 
 
@@ -110,7 +112,7 @@ def _account(run: Run, views: Views, micro: int) -> None:
 
 def _grad_sync(wrapped: nn.Module, last_micro: bool) -> contextlib.AbstractContextManager:
     """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
-    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+    if isinstance(wrapped, FSDPModule):
         wrapped.set_requires_gradient_sync(last_micro)
     elif isinstance(wrapped, DistributedDataParallel) and not last_micro:
         return wrapped.no_sync()

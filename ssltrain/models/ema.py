@@ -27,9 +27,10 @@ def cosine_momentum(base: float, step: int, total_steps: int) -> float:
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, gate: Tensor | None = None) -> None:
     """``teacher <- momentum * teacher + (1 - momentum) * student`` for parameters; buffers are copied.
 
-    ``gate`` (a 0-d tensor, 1 or 0; see ssltrain/engine/guard.py) decides on the device whether the update happens at all.
+    ``gate`` (a 0-d tensor, 1 or 0; see ssltrain/engine/guard.py) decides on the device whether the update happens
+    at all.
     """
-    t_params = [p for p in teacher.parameters()]
+    t_params: list[Tensor] = list(teacher.parameters())
     s_params = [p.detach() for p in student.parameters()]
     if gate is None:
         torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
