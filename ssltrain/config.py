@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -31,8 +31,8 @@ class CropConfig:
 
     count: int = 2
     size: int = 224
-    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
-    ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     flip_p: float = 0.5
     jitter_p: float = 0.8
     brightness: float = 0.4
@@ -40,9 +40,9 @@ class CropConfig:
     saturation: float = 0.2
     hue: float = 0.1
     grayscale_p: float = 0.2
-    blur_p: List[float] = field(default_factory=lambda: [1.0, 0.1])
-    blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])
-    solarize_p: List[float] = field(default_factory=lambda: [0.0, 0.2])
+    blur_p: list[float] = field(default_factory=lambda: [1.0, 0.1])
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    solarize_p: list[float] = field(default_factory=lambda: [0.0, 0.2])
 
 
 @dataclass
@@ -53,8 +53,8 @@ class AugmentConfig:
     local_crops: CropConfig = field(
         default_factory=lambda: CropConfig(count=0, size=96, scale=[0.05, 0.4], blur_p=[0.5], solarize_p=[0.0])
     )
-    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
 @dataclass
@@ -173,7 +173,7 @@ class DISSLConfig:
 
 @dataclass
 class BYOLConfig:
-    predictor: List[int] = field(default_factory=lambda: [4096, 256])
+    predictor: list[int] = field(default_factory=lambda: [4096, 256])
     momentum: float = 0.99  # EMA momentum at step 0; cosine schedule to 1.0 at the last step
     # The predictor's learning rate over the common one (paper: 1); higher keeps a lagging predictor from letting the
     # projections collapse in short runs (configs/digits/byol.yaml).
@@ -212,7 +212,7 @@ class SwAVConfig:
 @dataclass
 class MethodConfig:
     name: str = "vicreg"  # one of METHOD_NAMES: the fields below that hold a method's own settings
-    projector: List[int] = field(default_factory=lambda: [2048, 2048, 2048])  # hidden..., output widths
+    projector: list[int] = field(default_factory=lambda: [2048, 2048, 2048])  # hidden..., output widths
     vicreg: VICRegConfig = field(default_factory=VICRegConfig)
     vicreg_logdet: VICRegLogDetConfig = field(default_factory=VICRegLogDetConfig)
     vicreg_pairwise: VICRegPairwiseConfig = field(default_factory=VICRegPairwiseConfig)
@@ -246,7 +246,7 @@ class OptimConfig:
     weight_decay: float = 1e-6
     momentum: float = 0.9  # LARS
     eta: float = 0.001  # LARS trust coefficient
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW, LAMB
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW, LAMB
     warmup_steps: int = 10
     min_lr_ratio: float = 0.001  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 0.0  # max global grad norm; 0 disables
@@ -265,7 +265,7 @@ class TrainConfig:
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
     # null: ResNets on CUDA only (on CPU it changes the rounding against the offline probes, which extract
     # contiguous there) | true | false
-    channels_last: Optional[bool] = None
+    channels_last: bool | None = None
     # step: the non-finite check reads the device every step (any optimizer) | deferred: the skip is decided on the
     # device (fused AdamW, LARS, LAMB and the EMA teachers take the flag) and read at log steps: no per-step host sync
     finite_check: str = "step"
@@ -318,7 +318,7 @@ class EvalConfig:
     # kNN (knn_k, knn_temperature) on frozen backbone features every N optimizer steps and at the last one, bank from
     # eval.train, queries from eval.val (both labeled); logged as online_knn_top1/top5. 0: off.
     online_knn_every: int = 0
-    online_knn_samples: List[int] = field(default_factory=lambda: [2000, 1000])  # [train, val] evenly spaced caps
+    online_knn_samples: list[int] = field(default_factory=lambda: [2000, 1000])  # [train, val] evenly spaced caps
     # Collapse warnings (training log and report) when the monitors fall under these: their one home
     collapse_rankme: float = 10.0  # RankMe, capped at half of min(N, D) of the batch the monitor saw
     collapse_std: float = 0.1  # normalised embedding std (1 healthy, 0 collapsed)
@@ -401,9 +401,7 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         valid = _valid_keys(_node_at(Config(), parent))
         where = f"under '{parent}'" if parent else "at the top level"
-        return ConfigError(
-            f"{source}: unknown config key '{key}'. Valid keys {where}: {', '.join(valid)}"
-        )
+        return ConfigError(f"{source}: unknown config key '{key}'. Valid keys {where}: {', '.join(valid)}")
     msg = str(err).splitlines()[0]
     return ConfigError(f"{source}: bad value for '{key}': {msg}")
 
@@ -412,14 +410,19 @@ def check_video_config(cfg: Config) -> None:
     """Clips go to a video backbone, frames to an image backbone: say so before the first batch, not in it."""
     video, backbone = cfg.data.video, cfg.model.backbone
     if video.mode == "clips" and backbone not in VIDEO_BACKBONES:
-        raise ConfigError(f"data.video.mode=clips gives [B,3,T,H,W] clips, which {backbone} cannot take; use "
-                          f"model.backbone={VIDEO_BACKBONES[0]} or data.video.mode=frames")
+        raise ConfigError(
+            f"data.video.mode=clips gives [B,3,T,H,W] clips, which {backbone} cannot take; use "
+            f"model.backbone={VIDEO_BACKBONES[0]} or data.video.mode=frames"
+        )
     if video.mode == "frames" and backbone in VIDEO_BACKBONES:
-        raise ConfigError(f"data.video.mode=frames gives [B,3,H,W] frames, which {backbone} cannot take; use "
-                          "data.video.mode=clips or an image backbone (resnet18, vit_small, ...)")
+        raise ConfigError(
+            f"data.video.mode=frames gives [B,3,H,W] frames, which {backbone} cannot take; use "
+            "data.video.mode=clips or an image backbone (resnet18, vit_small, ...)"
+        )
     if video.frames < 1 or video.max_gap_s < 0:
-        raise ConfigError(f"data.video.frames must be >= 1 and data.video.max_gap_s >= 0, got {video.frames} and "
-                          f"{video.max_gap_s}")
+        raise ConfigError(
+            f"data.video.frames must be >= 1 and data.video.max_gap_s >= 0, got {video.frames} and {video.max_gap_s}"
+        )
 
 
 # Image backbones by family (models/backbones.py builds them): the options each family takes.
@@ -510,8 +513,16 @@ def _check(cfg: Config, source: str) -> None:
         value = _node_at(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{source}: '{key}' is {value!r}; choose one of {', '.join(allowed)}")
-    positive = ["steps", "data.batch_size", "checkpoint.every", "checkpoint.keep", "augment.global_crops.count",
-                "optim.accumulate", "faults.nonfinite_patience", "method.byol.predictor_lr_scale"]
+    positive = [
+        "steps",
+        "data.batch_size",
+        "checkpoint.every",
+        "checkpoint.keep",
+        "augment.global_crops.count",
+        "optim.accumulate",
+        "faults.nonfinite_patience",
+        "method.byol.predictor_lr_scale",
+    ]
     for key in positive:
         if _node_at(cfg, key) <= 0:
             raise ConfigError(f"{source}: '{key}' must be positive, got {_node_at(cfg, key)}")
@@ -524,11 +535,15 @@ def _check(cfg: Config, source: str) -> None:
     if len(caps) != 2 or min(caps) < 1:
         raise ConfigError(f"{source}: 'eval.online_knn_samples' must be [train, val] sample caps >= 1, got {caps}")
     if cfg.checkpoint.fallback and not cfg.checkpoint.resume:
-        raise ConfigError(f"{source}: checkpoint.fallback=true chooses the checkpoint to resume from, and "
-                          "checkpoint.resume=false starts afresh; drop one of them")
+        raise ConfigError(
+            f"{source}: checkpoint.fallback=true chooses the checkpoint to resume from, and "
+            "checkpoint.resume=false starts afresh; drop one of them"
+        )
     if cfg.data.batch_size % cfg.optim.accumulate:
-        raise ConfigError(f"{source}: data.batch_size {cfg.data.batch_size} is not divisible by optim.accumulate "
-                          f"{cfg.optim.accumulate}")
+        raise ConfigError(
+            f"{source}: data.batch_size {cfg.data.batch_size} is not divisible by optim.accumulate "
+            f"{cfg.optim.accumulate}"
+        )
     for group in ("global_crops", "local_crops"):
         crop: CropConfig = getattr(cfg.augment, group)
         for name in ("scale", "ratio", "blur_sigma"):

@@ -53,11 +53,13 @@ def shell_commands(script: str) -> list[list[str]]:
 
 def pip_command(kind: str) -> list[str]:
     """The arguments after ``pip <kind>`` in the Dockerfile's RUN instructions (exactly one such command)."""
-    found = []
-    for name, script in instructions(DOCKERFILE.read_text()):
-        for words in shell_commands(script) if name == "RUN" else []:
-            if "pip" in words and words[words.index("pip") + 1 :][:1] == [kind]:
-                found.append(words[words.index("pip") + 2 :])
+    runs = [script for name, script in instructions(DOCKERFILE.read_text()) if name == "RUN"]
+    found = [
+        words[words.index("pip") + 2 :]
+        for script in runs
+        for words in shell_commands(script)
+        if "pip" in words and words[words.index("pip") + 1 :][:1] == [kind]
+    ]
     assert len(found) == 1, f"expected one `pip {kind}` in the Dockerfile, found {len(found)}"
     return found[0]
 

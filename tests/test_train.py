@@ -224,8 +224,13 @@ def test_records_carry_gradient_and_weight_norms_and_the_run_time(shard_dir: Pat
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(r["grad_norm"] > 1e-3 for r in records)  # the norm before clipping, not the clipped one
     model = final_params(cfg.run_dir)
-    expected = torch.sqrt(sum(v.double().square().sum() for k, v in model.items() if "running" not in k and
-                              "num_batches" not in k and "teacher" not in k))
+    expected = torch.sqrt(
+        sum(
+            v.double().square().sum()
+            for k, v in model.items()
+            if "running" not in k and "num_batches" not in k and "teacher" not in k
+        )
+    )
     assert records[-1]["weight_norm"] == pytest.approx(float(expected), rel=1e-5)
     times = [r["time_s"] for r in records]
     assert times == sorted(times) and times[2] > first[-1]["time_s"]  # carried over the restart
@@ -235,8 +240,9 @@ def test_redirected_output_has_a_line_per_log_step_and_no_bar_frames(shard_dir: 
     """A Slurm job's log is a file: tqdm's carriage-return frames would fill it; one line per log step instead."""
     config = tmp_path / "tiny.yaml"
     config.write_text(to_yaml(tiny_config(tmp_path, str(shard_dir), steps=4, log_every=2, progress=True)))
-    done = subprocess.run([sys.executable, "-m", "ssltrain.cli", "train", str(config)], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "ssltrain.cli", "train", str(config)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "\r" not in done.stderr
     assert "step 2/4: loss" in done.stderr and "step 4/4: loss" in done.stderr

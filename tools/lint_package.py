@@ -36,9 +36,21 @@ def source_path(line: str) -> str:
 
 
 def mypy() -> int:
-    done = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-                           "--cache-dir", str(ROOT / ".mypy_cache"), "ssltrain"],
-                          cwd=TREE, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            "--cache-dir",
+            str(ROOT / ".mypy_cache"),
+            "ssltrain",
+        ],
+        cwd=TREE,
+        capture_output=True,
+        text=True,
+    )
     for line in (done.stdout + done.stderr).splitlines():
         print(source_path(line))
     return done.returncode
