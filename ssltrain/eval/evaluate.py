@@ -345,11 +345,28 @@ def evaluate_target(target: EvalTarget, opts: EvalOptions | None = None, log_met
     if rank != 0:
         return {}
 
-    rankme_min, std_min = cfg.eval.collapse_rankme, cfg.eval.collapse_std
+    _write_results(target, train_set.spec, val_set.spec, opts, results, monitors, spectra, log_metrics)
+    return results
+
+
+def _write_results(
+    target: EvalTarget,
+    train_spec: str,
+    val_spec: str,
+    opts: EvalOptions,
+    results: dict[str, Any],
+    monitors: dict[str, dict[str, float]],
+    spectra: dict[str, dict[str, list[float]]],
+    log_metrics: bool,
+) -> None:
+    """Warn (collapse, probes below random init), then write eval.json, spectrum.json and the metrics records."""
+    cfg = target.cfg
     warnings = []
     for prefix, kind in (("feat", "features"), ("emb", "embeddings")):
         if kind in spectra["ssl"]:  # its length is the batch's rank bound min(N - 1, D)
-            warnings += collapse_warnings(monitors["ssl"], prefix, rankme_min, std_min, len(spectra["ssl"][kind]) + 1)
+            warnings += collapse_warnings(
+                monitors["ssl"], prefix, cfg.eval.collapse_rankme, cfg.eval.collapse_std, len(spectra["ssl"][kind]) + 1
+            )
     for w in warnings:
         log.warning("step %d: %s", target.step, w)
     for w in below_random(results, target.step):
@@ -359,8 +376,8 @@ def evaluate_target(target: EvalTarget, opts: EvalOptions | None = None, log_met
     summary = {
         "step": target.step,
         "checkpoint": str(target.checkpoint),
-        "train_data": train_set.spec,
-        "val_data": val_set.spec,
+        "train_data": train_spec,
+        "val_data": val_spec,
         "probes": list(opts.probes),
         **results,
         "monitors": monitors,
@@ -368,13 +385,12 @@ def evaluate_target(target: EvalTarget, opts: EvalOptions | None = None, log_met
     }
     (out / "eval.json").write_text(json.dumps(summary, indent=2))
     (out / "spectrum.json").write_text(
-        json.dumps({"step": target.step, "checkpoint": str(target.checkpoint), "data": val_set.spec, **spectra})
+        json.dumps({"step": target.step, "checkpoint": str(target.checkpoint), "data": val_spec, **spectra})
     )
     if log_metrics:
         metrics = MetricsLog(out, tensorboard=False)
         for record in metric_records(target.step, results, monitors):
             metrics.log(record)
-    return results
 
 
 def metric_records(step: int, results: dict[str, Any], monitors: dict[str, dict[str, float]]) -> list[dict[str, Any]]:

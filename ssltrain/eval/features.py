@@ -281,33 +281,71 @@ def extract_features(
             "(write them with `ssltrain shards imagefolder`, whose class folders become labels)"
         )
     device = device or resolve_device("auto")
-    this_rank, world = rank(), world_size()
     who = f"{label}: " if label else ""
-    ids = subset_ids(len(catalog), limit)
     path = None
     if cache_dir is not None:
         fingerprint = fingerprint or model_fingerprint(getattr(model, "backbone", model))
         path = Path(cache_dir) / f"{tag}-{split}-{feature_cache_key(catalog, transform, fingerprint, limit)}.pt"
+    hit = _cached(path, f"{who}features of '{catalog.spec}' ({split}")
+    if hit is not None:
+        return hit
+    start, ids = time.perf_counter(), subset_ids(len(catalog), limit)
+    if rank() == 0:
+        log.info("%sextracting features of '%s' (%s, %d samples)", who, catalog.spec, split, len(ids))
+    fs = _extract_all(model, catalog, ids, transform, batch_size, workers, device, precision, path)
+    if require_labels and fs.y is None:
+        raise DataError(f"shards '{catalog.spec}' have samples without a .cls label; probes need labeled data")
+    fs.seconds = time.perf_counter() - start
+    if rank() == 0:
+        rate, world = len(ids) / max(fs.seconds, 1e-9), world_size()
+        log.info(
+            "%sfeatures of '%s' (%s): %d x %d in %.1fs (%.0f images/s on %s, %d rank%s)",
+            who,
+            catalog.spec,
+            split,
+            *fs.x.shape,
+            fs.seconds,
+            rate,
+            device,
+            world,
+            "s" if world > 1 else "",
+        )
+    if path is not None and rank() == 0:
+        meta = {"spec": catalog.spec, "tag": tag, "split": split, "limit": limit}
+        _save_cached(path, fs, {**meta, "transform": transform_signature(transform)})
+    if path is not None and world_size() > 1:
+        barrier()  # the file exists for every rank once this returns
+    return fs
+
+
+def _cached(path: Path | None, what: str) -> FeatureSet | None:
+    """The cached features at ``path``, when every rank has them (else all extract, so the collectives line up)."""
+    if path is None:
+        return None
     start = time.perf_counter()
-    hit = _load_cached(path) if path is not None and path.is_file() else None
-    if world > 1 and path is not None and agree(hit is None):
-        hit = None  # some rank missed: all extract, so the collectives below line up
+    hit = _load_cached(path) if path.is_file() else None
+    if world_size() > 1 and agree(hit is None):
+        return None
     if hit is not None:
         hit.seconds = time.perf_counter() - start
-        if this_rank == 0:
-            log.info(
-                "%sfeatures of '%s' (%s, %d samples) read from %s in %.2fs",
-                who,
-                catalog.spec,
-                split,
-                len(hit),
-                path,
-                hit.seconds,
-            )
-        return hit
+        if rank() == 0:
+            log.info("%s, %d samples) read from %s in %.2fs", what, len(hit), path, hit.seconds)
+    return hit
 
-    if this_rank == 0:
-        log.info("%sextracting features of '%s' (%s, %d samples)", who, catalog.spec, split, len(ids))
+
+def _extract_all(
+    model: nn.Module,
+    catalog: ShardCatalog,
+    ids: list[int],
+    transform: EvalTransform,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    precision: str,
+    path: Path | None,
+) -> FeatureSet:
+    """Every rank extracts its share of ``ids``; all get the whole set, in ``ids`` order, on the CPU."""
+    this_rank, world = rank(), world_size()
     mine = ids[len(ids) * this_rank // world : len(ids) * (this_rank + 1) // world]
     x, y, index, skipped = _extract_share(model, catalog, mine, transform, batch_size, workers, device, precision)
     if world > 1:
@@ -317,26 +355,4 @@ def extract_features(
         raise DataError(f"no readable samples in '{catalog.spec}'")
     if skipped and this_rank == 0:
         log.warning("%d unreadable samples skipped while extracting features from '%s'", skipped, catalog.spec)
-    fs = FeatureSet(x, y.cpu() if y is not None else None, index.cpu(), skipped, path=path)
-    if require_labels and fs.y is None:
-        raise DataError(f"shards '{catalog.spec}' have samples without a .cls label; probes need labeled data")
-    fs.seconds = time.perf_counter() - start
-    if this_rank == 0:
-        rate, ranks = len(ids) / max(fs.seconds, 1e-9), f"{world} rank{'s' if world > 1 else ''}"
-        log.info(
-            "%sfeatures of '%s' (%s): %d x %d in %.1fs (%.0f images/s on %s, %s)",
-            who,
-            catalog.spec,
-            split,
-            *fs.x.shape,
-            fs.seconds,
-            rate,
-            device,
-            ranks,
-        )
-    if path is not None and this_rank == 0:
-        meta = {"spec": catalog.spec, "tag": tag, "split": split, "limit": limit}
-        _save_cached(path, fs, {**meta, "transform": transform_signature(transform)})
-    if path is not None and world > 1:
-        barrier()  # the file exists for every rank once this returns
-    return fs
+    return FeatureSet(x, y.cpu() if y is not None else None, index.cpu(), skipped, path=path)
