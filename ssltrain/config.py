@@ -158,6 +158,8 @@ class CISSLConfig:
     """Contrastive with a linear student head and the MLP projector as teacher head."""
 
     temperature: float = 0.07
+    # BatchNorm1d (affine) after both heads, as the released code (issl/losses/contrastive.py) has; false: plain heads.
+    head_batchnorm: bool = True
 
 
 @dataclass
@@ -178,6 +180,17 @@ class BYOLConfig:
     # The predictor's learning rate over the common one (paper: 1); higher keeps a lagging predictor from letting the
     # projections collapse in short runs (configs/digits/byol.yaml).
     predictor_lr_scale: float = 1.0
+
+
+@dataclass
+class MoCoV3Config:
+    """Symmetric InfoNCE between the predictor's output and a momentum encoder's projection of the other view."""
+
+    temperature: float = 0.2  # official: 0.2 for ViTs, 1.0 for ResNets
+    predictor: list[int] = field(default_factory=lambda: [4096, 256])
+    momentum: float = 0.99  # at step 0; cosine schedule to 1.0 at the last step
+    projector_last_bn: bool = True  # official: BatchNorm (no affine) on the projector's output
+    predictor_last_bn: bool = True  # official: true for ViTs, false for ResNets
 
 
 @dataclass
@@ -210,6 +223,17 @@ class SwAVConfig:
 
 
 @dataclass
+class LeJEPAConfig:
+    """Prediction of the global views' mean embedding + SIGReg (Epps-Pulley on random 1-D projections); the
+    projector is ``method.projector``."""
+
+    lambd: float = 0.05  # the one trade-off: loss = (1 - lambd) * prediction + lambd * sigreg
+    num_slices: int = 256  # random directions per step, drawn from (seed, step)
+    num_points: int = 17  # trapezoid nodes on [-t_max, t_max] (the paper's Algorithm 1)
+    t_max: float = 5.0
+
+
+@dataclass
 class MethodConfig:
     name: str = "vicreg"  # one of METHOD_NAMES: the fields below that hold a method's own settings
     projector: list[int] = field(default_factory=lambda: [2048, 2048, 2048])  # hidden..., output widths
@@ -223,8 +247,10 @@ class MethodConfig:
     cissl: CISSLConfig = field(default_factory=CISSLConfig)
     dissl: DISSLConfig = field(default_factory=DISSLConfig)
     byol: BYOLConfig = field(default_factory=BYOLConfig)
+    mocov3: MoCoV3Config = field(default_factory=MoCoV3Config)
     dino: DINOConfig = field(default_factory=DINOConfig)
     swav: SwAVConfig = field(default_factory=SwAVConfig)
+    lejepa: LeJEPAConfig = field(default_factory=LeJEPAConfig)
 
 
 # Every method has its own sub-config above, named as the method: the one list of method names (ssltrain.methods

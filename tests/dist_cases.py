@@ -20,6 +20,8 @@ from ssltrain.methods.cissl import CISSL
 from ssltrain.methods.diet import DIET
 from ssltrain.methods.dino import DINO
 from ssltrain.methods.dissl import DISSL
+from ssltrain.methods.lejepa import LeJEPA
+from ssltrain.methods.mocov3 import MoCoV3
 from ssltrain.methods.simclr import SimCLR
 from ssltrain.methods.swav import SwAV
 from ssltrain.methods.vcreg import VCReg
@@ -39,9 +41,11 @@ METHODS = [
     "cissl",
     "dissl",
     "byol",
+    "mocov3",
     "dino",
     "swav",
     "swav_queue",
+    "lejepa",
 ]
 
 
@@ -63,15 +67,20 @@ def make_method(name: str) -> Method:
     if name == "diet":
         return DIET(backbone, DIM, NUM_SAMPLES, C.DIETConfig())
     if name == "cissl":
-        return CISSL(backbone, DIM, proj, C.CISSLConfig(temperature=0.5))
+        return CISSL(backbone, DIM, proj, C.CISSLConfig(temperature=0.5, head_batchnorm=False))
     if name == "dissl":
         return DISSL(backbone, DIM, proj, C.DISSLConfig(classes=7))
     if name == "byol":
         return BYOL(backbone, DIM, proj, C.BYOLConfig(predictor=[OUT]))
+    if name == "mocov3":
+        cfg = C.MoCoV3Config(predictor=[OUT], temperature=0.5, projector_last_bn=False, predictor_last_bn=False)
+        return MoCoV3(backbone, DIM, proj, cfg)
     if name == "dino":
         return DINO(backbone, DIM, C.DINOConfig(out_dim=9, hidden_dim=8, bottleneck_dim=4, teacher_temperature=0.2))
     if name == "swav":
         return SwAV(backbone, DIM, proj, C.SwAVConfig(prototypes=7, epsilon=0.5))
+    if name == "lejepa":  # SIGReg's empirical characteristic function is all-reduced with autograd
+        return LeJEPA(backbone, DIM, proj, C.LeJEPAConfig(lambd=0.3, num_slices=7))
     if name == "swav_queue":  # the queue holds the first batch's embeddings when the measured one runs
         return SwAV(backbone, DIM, proj, C.SwAVConfig(prototypes=7, epsilon=0.5, queue_size=BATCH))
     raise ValueError(name)

@@ -25,7 +25,7 @@ from ssltrain.core.collectives import gather, local_rows, row_offset
 pytestmark = pytest.mark.distributed
 
 # Losses whose value on each rank is that of the whole batch; the others (rows split over ranks) agree on average.
-ROW_SPLIT = {"simclr", "cissl", "dissl", "byol", "dino", "swav", "swav_queue"}
+ROW_SPLIT = {"simclr", "cissl", "dissl", "byol", "mocov3", "dino", "swav", "swav_queue"}
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

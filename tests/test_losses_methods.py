@@ -359,6 +359,101 @@ def test_cissl_bad_input() -> None:
         cissl_loss(z, z, z, z, temperature=-0.1)
 
 
+def _released_cissl_loss(predictor, projector, x1, x2, temperature: float) -> torch.Tensor:
+    """YannDubs/Invariant-Self-Supervised-Learning, issl/issl.py + losses/contrastive.py (is_self_contrastive),
+    transcribed; the ``logits.float()`` cast left out so that float64 stays float64."""
+    z = torch.cat([x1, x2])  # issl.py: z = self(torch.cat([x, x_tilde])); z_tgt = z
+    z_src = F.normalize(predictor(z), dim=1, p=2)
+    z_tgt = F.normalize(projector(z), dim=1, p=2)
+    logits = z_src @ z_tgt.T / temperature
+    new_batch_size = logits.size(0)
+    batch_size = new_batch_size // 2
+    log_q = logits.log_softmax(-1)[:, :new_batch_size]
+    mask = torch.eye(batch_size).bool().repeat(2, 2)
+    log_q = log_q[mask].view(new_batch_size, 2)
+    return (-log_q.sum(1) / 2).mean()
+
+
+def _cissl_method(**cfg: object):
+    from torch import nn
+
+    from ssltrain.config import CISSLConfig
+    from ssltrain.methods.cissl import CISSL
+
+    torch.manual_seed(5)
+    return CISSL(nn.Identity(), 6, [8, 5], CISSLConfig(temperature=0.3, **cfg)).double()  # type: ignore[arg-type]
+
+
+def test_cissl_heads_end_in_batchnorm_as_released() -> None:
+    """By default both heads end in an affine BatchNorm1d, as the released code's ``add_batchnorms``; the loss and
+    every gradient equal the released model's on the same weights (batch statistics over both views at once)."""
+    from torch import nn
+
+    from ssltrain.config import CISSLConfig
+    from ssltrain.data.loaders import Views
+
+    assert CISSLConfig().head_batchnorm
+    method = _cissl_method()
+    assert isinstance(method.student_norm, nn.BatchNorm1d) and method.student_norm.affine
+    assert isinstance(method.teacher_norm, nn.BatchNorm1d) and method.teacher_norm.affine
+    with torch.no_grad():  # not the init values, so that the affine parameters are exercised
+        for bn in (method.student_norm, method.teacher_norm):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    # the released heads: Predictor = Sequential(Linear, BN), Projector = Sequential(MLP, BN), MLP = Linear(no bias)
+    # -BN-ReLU-Linear; loaded with the method's weights
+    predictor = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)).double()
+    projector = nn.Sequential(
+        nn.Linear(6, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5), nn.BatchNorm1d(5)
+    ).double()
+    predictor.load_state_dict(
+        {f"0.{k}": v for k, v in method.student_head.state_dict().items()}
+        | {f"1.{k}": v for k, v in method.student_norm.state_dict().items()}
+    )
+    projector.load_state_dict(
+        method.teacher_head.state_dict() | {f"4.{k}": v for k, v in method.teacher_norm.state_dict().items()}
+    )
+    g = _gen(61)
+    x = [torch.randn(7, 6, generator=g, dtype=F64, requires_grad=True) for _ in range(2)]
+    out = method(Views(x, [], None, None))
+    out["loss"].backward()
+    x_ref = [v.detach().clone().requires_grad_(True) for v in x]
+    ref = _released_cissl_loss(predictor, projector, *x_ref, 0.3)
+    ref.backward()
+    torch.testing.assert_close(out["loss"], ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(x, x_ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+    pairs = [(method.student_head, predictor[0]), (method.student_norm, predictor[1])]
+    pairs += [(method.teacher_head[0], projector[0]), (method.teacher_head[3], projector[3])]
+    pairs += [(method.teacher_norm, projector[4])]
+    for mine, theirs in pairs:
+        for (name, p), q in zip(mine.named_parameters(), theirs.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+    for mine, theirs in ((method.student_norm, predictor[1]), (method.teacher_norm, projector[4])):
+        torch.testing.assert_close(mine.running_mean, theirs.running_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(mine.running_var, theirs.running_var, rtol=1e-12, atol=1e-12)
+
+
+def test_cissl_head_batchnorm_false_is_the_plain_model() -> None:
+    """``head_batchnorm: false``: the heads end in their Linear, the parameters (same seed) and state-dict keys are
+    those of the heads without norms, and the loss is the eager CISSL loss of the plain heads' outputs."""
+    from ssltrain.data.loaders import Views
+
+    plain, normed = _cissl_method(head_batchnorm=False), _cissl_method()
+    state = plain.state_dict()
+    assert sorted(state) == sorted(k for k in normed.state_dict() if "_norm." not in k)
+    assert all(k.startswith(("teacher_head.", "student_head.")) for k in state)
+    for k, v in state.items():
+        assert torch.equal(v, normed.state_dict()[k]), k
+    g = _gen(62)
+    x = [torch.randn(7, 6, generator=g, dtype=F64) for _ in range(2)]
+    out = plain(Views(x, [], None, None))
+    t = plain.teacher_head(torch.cat(x)).chunk(2)
+    expected = cissl_loss(plain.student_head(x[0]), plain.student_head(x[1]), t[0], t[1], temperature=0.3)
+    for key in expected:
+        assert torch.equal(out[key], expected[key]), key
+
+
 # ==============================================================================================================
 # VICReg, information-theoretic variants: LogDet and pairwise-distance entropies
 # ==============================================================================================================

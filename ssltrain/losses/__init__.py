@@ -22,6 +22,8 @@ from ssltrain.losses.diet import diet_loss, sharded_diet_loss
 from ssltrain.losses.dino import dino_loss
 from ssltrain.losses.dissl import dissl_loss, global_marginal_entropy
 from ssltrain.losses.infonce import nt_xent_loss
+from ssltrain.losses.lejepa import lejepa_loss, sigreg, sigreg_directions
+from ssltrain.losses.mocov3 import moco_contrastive_loss, mocov3_loss
 from ssltrain.losses.swav import sinkhorn_knopp, swav_loss
 from ssltrain.losses.vcreg import orthonormality_penalty, vcreg_loss
 from ssltrain.losses.vicreg import (
@@ -43,12 +45,17 @@ __all__ = [
     "dino_loss",
     "dissl_loss",
     "global_marginal_entropy",
+    "lejepa_loss",
     "logdet_entropy",
     "marginal_entropy",
+    "moco_contrastive_loss",
+    "mocov3_loss",
     "nt_xent_loss",
     "orthonormality_penalty",
     "pairwise_entropy",
     "sharded_diet_loss",
+    "sigreg",
+    "sigreg_directions",
     "sinkhorn_knopp",
     "swav_loss",
     "variance_hinge",

@@ -10,6 +10,8 @@ from ssltrain.methods.cissl import CISSL
 from ssltrain.methods.diet import DIET
 from ssltrain.methods.dino import DINO
 from ssltrain.methods.dissl import DISSL
+from ssltrain.methods.lejepa import LeJEPA
+from ssltrain.methods.mocov3 import MoCoV3
 from ssltrain.methods.simclr import SimCLR
 from ssltrain.methods.swav import SwAV
 from ssltrain.methods.vcreg import VCReg
@@ -30,8 +32,10 @@ METHODS: dict[str, type[Method]] = {
     "cissl": CISSL,
     "dissl": DISSL,
     "byol": BYOL,
+    "mocov3": MoCoV3,
     "dino": DINO,
     "swav": SwAV,
+    "lejepa": LeJEPA,
 }
 
 

@@ -4,6 +4,9 @@ The student head is linear (probe-shaped: what a downstream linear probe can exp
 MLP projector; logits compare every student output with every teacher output of the 2B views, self-pairs
 included, and each row puts half its target mass on each of its two positives. Rows are split over ranks as in
 SimCLR.
+
+``head_batchnorm`` (default, as the released code has it) ends both heads in a BatchNorm1d over all views' outputs
+at once (the released code normalises the 2B batch of both views together); off, the heads end in their Linear.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ class CISSL(Method):
         super().__init__(backbone, feature_dim, loss_impl)
         self.teacher_head = MLP(feature_dim, projector)
         self.student_head = nn.Linear(feature_dim, projector[-1])
+        width = projector[-1]
+        self.teacher_norm: nn.Module = nn.BatchNorm1d(width) if cfg.head_batchnorm else nn.Identity()
+        self.student_norm: nn.Module = nn.BatchNorm1d(width) if cfg.head_batchnorm else nn.Identity()
         self.cfg = cfg
 
     @classmethod
@@ -35,6 +41,8 @@ class CISSL(Method):
         h, features = self.encode_views(views)
         t = apply_head(self.teacher_head, h)
         s = [self.student_head(x) for x in h]
+        if self.cfg.head_batchnorm:
+            t, s = apply_head(self.teacher_norm, t), apply_head(self.student_norm, s)
         embeddings = s[0]
         rows = local_rows(h[0].shape[0], h[0].device) if world_size() > 1 else None
         s, t = [gather(x) for x in s], [gather(x) for x in t]
