@@ -240,7 +240,11 @@ def _warnings(records: list[dict[str, Any]], ev: dict[str, Any] | None, cfg: Con
     none = (
         f"None (thresholds: RankMe {rankme_min:g}, capped at half the batch's rank bound; normalised std "
         f"{std_min:g}; `eval.collapse_rankme`, `eval.collapse_std`"
-        + ("; every probe is above the random-init backbone's)." if ev and "random" in ev else ").")
+        + (
+            f"; the kNN (k={ev['ssl'].get('knn_k', '?')}) and linear top-1 are at or above the random-init backbone's)."
+            if ev and "random" in ev and isinstance(ev.get("ssl"), dict)
+            else ")."
+        )
     )
     return ["## Warnings", "", *([f"- **{w}**" for w in warnings] if warnings else [none]), ""]
 
