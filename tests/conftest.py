@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,40 @@ def tiny_config(tmp_path: Path, train: str, **overrides: object) -> Config:
     }
     base.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+START_CLUSTER = Path(__file__).parent / "slurm" / "start_cluster.sh"
+
+
+@pytest.fixture(scope="session")
+def cluster() -> None:
+    """Start (or find) the one-node test Slurm. Skips where that is impossible, unless CI asks for it with
+    SSLTRAIN_REQUIRE_SLURM=1: there a missing Slurm must fail, not pass silently."""
+
+    def unavailable(reason: str) -> None:
+        if os.environ.get("SSLTRAIN_REQUIRE_SLURM") == "1":
+            pytest.fail(f"{reason} (and SSLTRAIN_REQUIRE_SLURM=1)")
+        pytest.skip(reason)
+
+    if os.geteuid() != 0:
+        unavailable("the test Slurm needs root (tests/slurm/start_cluster.sh installs and starts it)")
+    proc = subprocess.run(["bash", str(START_CLUSTER)], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        unavailable(f"tests/slurm/start_cluster.sh exited {proc.returncode}: {proc.stderr[-3000:]}")
+
+
+def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model state of a run's latest complete checkpoint."""
+    from ssltrain.core.checkpoint_layout import latest_checkpoint
+    from ssltrain.core.checkpoints import load_checkpoint
+
+    latest = latest_checkpoint(run_dir)
+    assert latest is not None, f"no complete checkpoint in {run_dir}"
+    return load_checkpoint(latest)["model"]
+
+
+def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Bit for bit: the test of exact resume."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"

@@ -25,25 +25,7 @@ from ssltrain.core.checkpoints import load_checkpoint
 from ssltrain.eval.metrics_log import read_metrics
 from ssltrain.launch import local, slurm
 
-START_CLUSTER = Path(__file__).parent / "slurm" / "start_cluster.sh"
 SSLTRAIN = Path(sys.executable).parent / "ssltrain"  # the installed command, as the README runs it
-
-
-@pytest.fixture(scope="module")
-def cluster() -> None:
-    """Start (or find) the test cluster. Skips where that is impossible, unless CI asks for it with
-    SSLTRAIN_REQUIRE_SLURM=1: there a missing Slurm must fail, not pass silently."""
-
-    def unavailable(reason: str) -> None:
-        if os.environ.get("SSLTRAIN_REQUIRE_SLURM") == "1":
-            pytest.fail(f"{reason} (and SSLTRAIN_REQUIRE_SLURM=1)")
-        pytest.skip(reason)
-
-    if os.geteuid() != 0:
-        unavailable("the test Slurm needs root (tests/slurm/start_cluster.sh installs and starts it)")
-    proc = subprocess.run(["bash", str(START_CLUSTER)], capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        unavailable(f"tests/slurm/start_cluster.sh exited {proc.returncode}: {proc.stderr[-3000:]}")
 
 
 @pytest.fixture(scope="module")

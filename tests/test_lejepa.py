@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import assert_same_params, final_params, tiny_config
 
-from ssltrain.core.checkpoints import load_checkpoint
-from ssltrain.engine.checkpoint import Checkpointer
 from ssltrain.engine.loop import train
 from ssltrain.eval.metrics_log import read_metrics
 from ssltrain.losses import lejepa_loss, sigreg, sigreg_directions
@@ -265,11 +263,8 @@ def test_lejepa_resumes_exactly(shard_dir: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path / "b", str(shard_dir), steps=4, **OVERRIDES)
     train(cfg, stop_after_steps=2)
     resumed = train(cfg)
-    a = load_checkpoint(Checkpointer(whole / "checkpoints").latest())["model"]
-    b = load_checkpoint(Checkpointer(resumed / "checkpoints").latest())["model"]
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+    a, b = final_params(whole), final_params(resumed)
+    assert_same_params(a, b)
 
 
 def test_method_draws_its_directions_from_the_loop_step() -> None:

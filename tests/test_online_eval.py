@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_shards, tiny_config
-from test_train import assert_same_params, final_params
+from conftest import assert_same_params, final_params, make_shards, tiny_config
 
 from ssltrain.config import ConfigError, to_yaml
 from ssltrain.data.shards import DataError

@@ -25,7 +25,6 @@ from ssltrain.config import Config, to_yaml
 from ssltrain.core.checkpoint_layout import MARKER, read_meta
 from ssltrain.core.checkpoints import load_checkpoint
 
-START_CLUSTER = Path(__file__).parent / "slurm" / "start_cluster.sh"
 STEPS = 1000  # more than a test waits for: every run here ends at a signal
 
 
@@ -154,23 +153,6 @@ def test_a_decoder_outlives_the_schedulers_signals() -> None:
 
 
 # --- the real one-node Slurm -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cluster() -> None:
-    """The test cluster (as in tests/test_launch.py): skips where it cannot start, fails instead under
-    SSLTRAIN_REQUIRE_SLURM=1."""
-
-    def unavailable(reason: str) -> None:
-        if os.environ.get("SSLTRAIN_REQUIRE_SLURM") == "1":
-            pytest.fail(f"{reason} (and SSLTRAIN_REQUIRE_SLURM=1)")
-        pytest.skip(reason)
-
-    if os.geteuid() != 0:
-        unavailable("the test Slurm needs root (tests/slurm/start_cluster.sh installs and starts it)")
-    proc = subprocess.run(["bash", str(START_CLUSTER)], capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        unavailable(f"tests/slurm/start_cluster.sh exited {proc.returncode}: {proc.stderr[-3000:]}")
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_shards, tiny_config
+from conftest import assert_same_params, final_params, make_shards, tiny_config
 
 from ssltrain.config import Config, ConfigError, to_yaml
 from ssltrain.core.checkpoint_layout import CheckpointError
@@ -19,16 +19,6 @@ from ssltrain.core.checkpoints import load_checkpoint
 from ssltrain.engine.checkpoint import Checkpointer
 from ssltrain.engine.loop import train
 from ssltrain.eval.metrics_log import read_metrics
-
-
-def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(Checkpointer(run_dir / "checkpoints").latest())["model"]
-
-
-def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted_run(shard_dir: Path, tmp_path: Path) -> None:
