@@ -85,6 +85,7 @@ class ModelConfig:
     zero_init_residual: bool = False  # ResNets: zero the last BN of each residual block (large-batch SSL recipes)
     patch_size: int = 16  # ViTs; position embeddings are interpolated for crops of any size
     drop_path: float = 0.0  # ViTs: stochastic depth rate
+    registers: int = 0  # ViTs: register tokens (Darcet et al. 2024), as in DINOv2 with registers
 
 
 @dataclass

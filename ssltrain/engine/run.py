@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from ssltrain.core.collectives import agree, all_reduce_sum, barrier
 from ssltrain.core.device import resolve_device
 from ssltrain.core.process_group import DistEnv, init_distributed
 from ssltrain.data.loaders import Views, build_train_loader
+from ssltrain.data.masks import MaskedBatches
 from ssltrain.data.record import SampleRecord
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
 from ssltrain.engine.checkpoint import Checkpointer, load_training_state
@@ -108,7 +109,11 @@ class Run:
             world_size=self.env.world_size,
             shuffle=self.cfg.data.shuffle,
         )
-        return iter(build_train_loader(self.cfg, self.catalog, sampler, self.device))
+        batches: Iterable[Views] = build_train_loader(self.cfg, self.catalog, sampler, self.device)
+        masks = self.model.masks
+        if masks is not None:
+            batches = MaskedBatches(batches, masks, self.cfg.seed, sampler.global_batch)
+        return iter(batches)
 
     # --- the run's state -------------------------------------------------------------------------------------------
 

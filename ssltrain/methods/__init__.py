@@ -52,6 +52,7 @@ def build_method(cfg: Config, num_samples: int | None = None) -> Method:
         patch_size=m.patch_size,
         image_size=cfg.augment.global_crops.size,
         drop_path=m.drop_path,
+        registers=m.registers,
     )
     return METHODS[cfg.method.name].from_config(cfg, backbone, dim, num_samples)
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ssltrain.config import Config
 from ssltrain.core.collectives import gather, local_rows, world_size
 from ssltrain.data.loaders import Views
+from ssltrain.data.masks import MaskGenerator
 from ssltrain.models.heads import MLP
 
 
@@ -44,6 +45,8 @@ class Method(nn.Module):
     ``on_step_end(step, total, gate)`` (EMA teachers). Everything these depend on is a function of the step or lives
     in the state dict, so a resumed run continues exactly.
     """
+
+    masks: MaskGenerator | None = None  # what a masked method draws per sample into ``Views.masks`` (data/masks)
 
     def __init__(self, backbone: nn.Module, feature_dim: int, loss_impl: str = "auto") -> None:
         super().__init__()

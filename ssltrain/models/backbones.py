@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchvision import models
@@ -42,6 +43,10 @@ class ViT(VisionTransformer):
     """
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self._check_input(x)
+        return super().forward(x, *args, **kwargs)
+
+    def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4:
             raise ValueError(f"a ViT takes (B, C, H, W) images, got shape {tuple(x.shape)}")
         p_h, p_w = self.patch_embed.patch_size
@@ -51,10 +56,40 @@ class ViT(VisionTransformer):
                 f"image size {h}x{w} is not divisible by the ViT patch size {p_h}x{p_w}; "
                 "choose crop sizes that are multiples of model.patch_size"
             )
-        return super().forward(x, *args, **kwargs)
+
+    def tokens(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        mask_token: Tensor | None = None,
+        keep: Tensor | None = None,
+    ) -> Tensor:
+        """All output tokens, final-normed: ``[B, num_prefix_tokens + patches, D]`` (CLS, registers, then patches in
+        row-major grid order), what the masked and predictive methods read.
+
+        ``mask`` ([B, patches] bool) replaces those patch embeddings by ``mask_token`` ([D]) before the position
+        embedding is added (iBOT/DINOv2, BEiT); ``keep`` ([B, K] patch indices) encodes only those patches, after
+        their position embedding (MAE's visible patches, I-JEPA's context): the output then holds K patch tokens in
+        ``keep``'s order.
+        """
+        self._check_input(x)
+        t = self.patch_embed(x)  # [B, H, W, D]: dynamic_img_size keeps the grid
+        if mask is not None:
+            if mask_token is None:
+                raise ValueError("a mask needs the mask_token that replaces the masked patches")
+            t = torch.where(mask.view(*t.shape[:-1], 1), mask_token.to(t.dtype), t)
+        t = self._pos_embed(t)  # [B, prefix + H*W, D]
+        if keep is not None:
+            prefix = self.num_prefix_tokens
+            patches = t[:, prefix:].gather(1, keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+            t = torch.cat([t[:, :prefix], patches], dim=1)
+        t = self.norm_pre(self.patch_drop(t))
+        return self.norm(self.blocks(t))
 
 
-def _build_vit(name: str, patch_size: int, image_size: int, drop_path: float) -> tuple[nn.Module, int]:
+def _build_vit(
+    name: str, patch_size: int, image_size: int, drop_path: float, registers: int = 0
+) -> tuple[nn.Module, int]:
     if patch_size < 1:
         raise ValueError(f"patch_size must be >= 1, got {patch_size}")
     if image_size < patch_size or image_size % patch_size:
@@ -64,6 +99,8 @@ def _build_vit(name: str, patch_size: int, image_size: int, drop_path: float) ->
         )
     if not 0.0 <= drop_path < 1.0:
         raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+    if registers < 0:
+        raise ValueError(f"registers must be >= 0, got {registers}")
     dim, depth, heads = VITS[name]
     net = ViT(
         img_size=image_size,
@@ -75,6 +112,10 @@ def _build_vit(name: str, patch_size: int, image_size: int, drop_path: float) ->
         global_pool="token",
         dynamic_img_size=True,
         drop_path_rate=drop_path,
+        reg_tokens=registers,
+        # With registers, timm's layout (its vit_*_reg models): position embeddings for the patches only, the CLS
+        # and register tokens concatenated after; DINOv2 also embeds the CLS position.
+        no_embed_class=registers > 0,
     )
     return net, net.num_features
 
@@ -86,6 +127,7 @@ def build_backbone(
     patch_size: int = 16,
     image_size: int = 224,
     drop_path: float = 0.0,
+    registers: int = 0,
 ) -> tuple[nn.Module, int]:
     """Return ``(backbone, feature_dim)`` for one of ``BACKBONES``.
 
@@ -99,9 +141,12 @@ def build_backbone(
     ViTs (``vit_tiny`` 192/12/3, ``vit_small`` 384/12/6, ``vit_base`` 768/12/12 for dim/depth/heads):
     ``patch_size`` x ``patch_size`` patches, position embeddings stored for an ``image_size`` grid and
     interpolated for other crop sizes (see ``ViT``), ``drop_path`` the stochastic-depth rate (linearly rising
-    over the blocks, as in timm/DINO). The feature is the final-normed CLS token. ``image_size`` must be a
+    over the blocks, as in timm/DINO), ``registers`` extra tokens (Darcet et al. 2024; DINOv2 with registers). The
+    feature is the final-normed CLS token; :meth:`ViT.tokens` gives every token, with masking. ``image_size`` must be a
     multiple of ``patch_size``; ``small_stem``/``zero_init_residual`` are ResNet options and an error here.
     """
+    if registers and name not in VITS:
+        raise ValueError(f"registers apply to ViTs only, not to {name} (got {registers})")
     if name in RESNETS:
         if drop_path:
             raise ValueError(f"drop_path applies to ViTs only; {name} has no stochastic depth (got {drop_path})")
@@ -116,7 +161,7 @@ def build_backbone(
         for flag, value in (("small_stem", small_stem), ("zero_init_residual", zero_init_residual)):
             if value:
                 raise ValueError(f"{flag} applies to ResNets only, not to {name}")
-        return _build_vit(name, patch_size, image_size, drop_path)
+        return _build_vit(name, patch_size, image_size, drop_path, registers)
     if name in VIDEO_RESNETS:  # clips [B, 3, T, H, W]; any T, H, W (adaptive pooling)
         for flag, setting in (("small_stem", float(small_stem)), ("drop_path", drop_path)):
             if setting:

@@ -68,7 +68,7 @@ class ImageViews:
         except DECODE_ERRORS as err:
             raise Unreadable(decode_reason(err)) from None
         global_views, local_views = self.renderer(image)
-        return Sample(global_views, local_views, sample_id, raw.label)
+        return Sample(global_views, local_views, sample_id, raw.label, position)
 
 
 class AugmentedShards(SeededSamples[Sample]):
@@ -92,7 +92,7 @@ class EvalShards(Dataset):
         if isinstance(decoded, Skipped):
             return decoded
         image, label = decoded
-        return Sample([self.transform(image)], [], i, label)
+        return Sample([self.transform(image)], [], i, label, i)
 
 
 def build_cpu_loader(

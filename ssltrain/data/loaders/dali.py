@@ -445,7 +445,7 @@ class DaliLoader:
         """Put DALI's rows and CPU-rendered samples in sampler order; report the skipped ones."""
         rendered = self._to_torch(outputs) if outputs is not None else None
         rows: list[int | Sample] = []
-        index, labels, skipped = [], [], []
+        index, labels, positions, skipped = [], [], [], []
         next_row = 0
         for item in items:
             if isinstance(item, _OnCPU):
@@ -460,6 +460,7 @@ class DaliLoader:
                 rows.append(item)
             index.append(item.index)
             labels.append(item.label)
+            positions.append(item.position)
         if not rows:
             return Views([], [], torch.empty(0, dtype=torch.long), None, skipped)
         if rendered is not None and all(isinstance(r, int) for r in rows):
@@ -481,6 +482,7 @@ class DaliLoader:
             torch.tensor(index, dtype=torch.long),
             torch.tensor(labels, dtype=torch.long) if all(lbl is not None for lbl in labels) else None,
             skipped,
+            torch.tensor(positions, dtype=torch.long),
         )
 
 

@@ -24,13 +24,17 @@ from ssltrain.data.stream import GlobalBatchSampler, RawSample, ShardCatalog, sa
 
 @dataclass
 class Views:
-    """One batch: the global and local views (each [B, 3, H, W]), dataset indices, labels if every sample has one."""
+    """One batch: the global and local views (each [B, 3, H, W]), dataset indices, labels if every sample has one,
+    the samples' global positions, and the masks a masked method asked for (drawn from (seed, position) by
+    :class:`ssltrain.data.masks.MaskedBatches`; empty otherwise)."""
 
     global_views: list[Tensor]
     local_views: list[Tensor]
     index: Tensor
     label: Tensor | None
     skipped: list[str] = field(default_factory=list)  # "shard:key: reason" for each sample dropped from the batch
+    position: Tensor | None = None  # [B] global positions in the sample stream
+    masks: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -46,6 +50,8 @@ class Views:
             move(self.index),
             move(self.label) if self.label is not None else None,
             self.skipped,
+            self.position,  # host-side: what masks are drawn from
+            {k: move(m) for k, m in self.masks.items()},
         )
 
 
@@ -61,6 +67,7 @@ class Sample:
     local_views: list[Tensor]
     index: int
     label: int | None
+    position: int = -1
 
 
 class Unreadable(Exception):
@@ -115,6 +122,7 @@ def collate_views(items: list[Sample | Skipped]) -> Views:
         torch.tensor([x.index for x in good], dtype=torch.long),
         torch.tensor(labels, dtype=torch.long) if all(lbl is not None for lbl in labels) else None,
         skipped,
+        torch.tensor([x.position for x in good], dtype=torch.long),
     )
 
 

@@ -106,11 +106,11 @@ class ClipViews:
     def __call__(self, raw: RawSample, sample_id: int, position: int) -> Sample:
         assert raw.image is not None  # the dataset skips samples without one
         try:
-            return self._render(raw.image, sample_id, raw.label)
+            return self._render(raw.image, sample_id, raw.label, position)
         except FFmpegError as err:
             raise Unreadable(f"cannot decode clip ({err})") from None
 
-    def _render(self, data: bytes, sample_id: int, label: int | None) -> Sample:
+    def _render(self, data: bytes, sample_id: int, label: int | None, position: int) -> Sample:
         info = self.metadata.info(sample_id, data)
         decoded = None
         frames = info.frames
@@ -134,7 +134,7 @@ class ClipViews:
             self._view(clip, windows[j % 2], p, v)
             for j, (p, v) in enumerate(zip(params[n_global:], self.renderer.local_views))
         ]
-        return Sample(views[:n_global], views[n_global:], sample_id, label)
+        return Sample(views[:n_global], views[n_global:], sample_id, label, position)
 
     def _view(self, clip: Tensor, frames: list[int], params: ViewParams, view: ViewSpec) -> Tensor:
         """The same parameters on every frame of the window: [3, T, h, w] for clips, [3, h, w] for frames."""
