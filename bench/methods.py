@@ -1,6 +1,7 @@
 """Every method on an embedded data set at one budget: kNN and linear probes vs the random-init backbone.
 
     python bench/methods.py --data digits         # every recipe in configs/digits/ (~2.5 min each on 2 CPU cores)
+    python bench/methods.py --data digits_vit     # configs/digits_vit/: ViT-tiny, 4 px patches (~5 min each)
     python bench/methods.py --data shapes         # every recipe in configs/shapes/ (250 steps at batch 128, ~3 min)
     python bench/methods.py --methods dino swav   # a subset
     python bench/methods.py --steps 50            # another budget
@@ -26,7 +27,8 @@ from ssltrain.config import Config, config_diff, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
-BASES = {"digits": "digits.yaml", "shapes": "demo.yaml"}
+BASES = {"digits": "digits.yaml", "digits_vit": "digits_vit.yaml", "shapes": "demo.yaml"}
+DATA = {"digits": "digits", "digits_vit": "digits", "shapes": "shapes"}  # the embedded data set each base trains on
 SHARD_ARGS = {"digits": [], "shapes": ["--train", "6000", "--val", "1000", "--shard-size", "1000"]}  # as `make demo`
 # Keys every recipe of a data set must share with its base config: what makes the rows one budget.
 BUDGET = (
@@ -105,7 +107,7 @@ def main() -> None:
     for name in methods:  # check every recipe before the first run trains
         cfg = load_config(available[name], [f"name={name}", *run_control])
         plan[name] = (cfg, differences(base, cfg))
-    ensure_shards(args.data)
+    ensure_shards(DATA[args.data])
     out.mkdir(parents=True, exist_ok=True)
     rows, random = [], None
     for name, (cfg, diff) in plan.items():

@@ -7,6 +7,7 @@ per-rank statistics are SyncBN's business, not the loss's).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -86,10 +87,16 @@ def make_method(name: str) -> Method:
     raise ValueError(name)
 
 
+# Methods that read patch tokens (masked and predictive ones) run on a small ViT over images of this shape.
+IMAGE_SHAPE = (3, 8, 8)
+IMAGE_METHODS: set[str] = set()
+
+
 def full_batch(name: str) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Two views (float64) of BATCH samples and their dataset indices, fixed per method."""
     g = torch.Generator().manual_seed(sum(map(ord, name)))
-    views = [torch.randn(BATCH, DIM, generator=g, dtype=torch.float64) for _ in range(2)]
+    shape = IMAGE_SHAPE if name in IMAGE_METHODS else (DIM,)
+    views = [torch.randn(BATCH, *shape, generator=g, dtype=torch.float64) for _ in range(2)]
     index = torch.randperm(NUM_SAMPLES, generator=g)[:BATCH]
     return views, index
 
@@ -113,7 +120,11 @@ def run(name: str, rank: int = 0, world: int = 1, ddp: bool = False) -> dict[str
     if ddp and any(p.requires_grad and n not in sharded for n, p in method.named_parameters()):  # DIET here: none
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(method, sharded)
         model = DistributedDataParallel(method)
-    out = model(Views(xs, [], index[rank * b : (rank + 1) * b], None))
+    batch = Views(xs, [], index[rank * b : (rank + 1) * b], None, position=torch.arange(rank * b, (rank + 1) * b))
+    if method.masks is not None:  # drawn for the whole batch's positions: each rank takes its rows
+        masks = method.masks(np.arange(BATCH), 0, BATCH)
+        batch.masks = {k: m[rank * b : (rank + 1) * b] for k, m in masks.items()}
+    out = model(batch)
     out["loss"].backward()
     result = {"loss": out["loss"].detach()}
     for k, v in out.items():
