@@ -83,6 +83,20 @@ def tiny_config(tmp_path: Path, train: str, **overrides: object) -> Config:
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
 
 
+def start_training(cfg: Config, config_file: Path) -> subprocess.Popen:
+    """``ssltrain train`` on ``cfg`` in a process of its own (to be killed), its config written to ``config_file``,
+    its output to ``config_file`` with the suffix ``.log``."""
+    import sys
+
+    from ssltrain.config import to_yaml
+
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(to_yaml(cfg))
+    cmd = [sys.executable, "-m", "ssltrain.cli", "train", str(config_file)]
+    with config_file.with_suffix(".log").open("wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
 START_CLUSTER = Path(__file__).parent / "slurm" / "start_cluster.sh"
 
 

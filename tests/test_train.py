@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_params, final_params, make_shards, tiny_config
+from conftest import assert_same_params, final_params, make_shards, start_training, tiny_config
 
 from ssltrain.config import Config, ConfigError, to_yaml
 from ssltrain.core.checkpoint_layout import CheckpointError
@@ -47,15 +47,7 @@ def _start_run(tmp_path: Path, overrides: dict) -> tuple[subprocess.Popen, Confi
     data.mkdir()
     make_shards(data, [64, 64])
     cfg = tiny_config(tmp_path, str(data), **overrides)
-    cfg.run_dir.mkdir(parents=True)
-    config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(to_yaml(cfg))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ssltrain.cli", "train", str(config_file)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    return proc, cfg
+    return start_training(cfg, tmp_path / "tiny.yaml"), cfg
 
 
 def _resume_equals_uninterrupted(tmp_path: Path, cfg: Config, overrides: dict) -> None:
