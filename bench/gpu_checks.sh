@@ -24,7 +24,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output
     >"$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 step pytest-gpu 240 python -m pytest -q -m gpu -p no:cacheprovider tests
-step bench-kernels 120 python bench/kernels.py --quick --json "$OUT/kernels.json"
+step bench-kernels 180 python bench/kernels.py --quick --json "$OUT/kernels.json"
 step bench-train 240 python bench/train.py --steps 20 --json "$OUT/train.json"
 step bench-data 120 python bench/data.py --images 1000 --seconds 20
 echo "failed: ${failed[*]:-none}"

@@ -169,6 +169,34 @@ def run_gpu(args) -> list[dict]:
             row.update(n=n, d=d, rows=label)
             _print_row(shape, row)
             rows.append(row)
+    rows += _sigreg_rows(args, gen, warmup, reps)
+    return rows
+
+
+def _sigreg_rows(args, gen, warmup: int, reps: int) -> list[dict]:
+    """SIGReg (LeJEPA) on V=8 bf16 views of N rows: the fused projection + characteristic-function sums against
+    the eager reference, which forms V x N x S x T phases (num_points=17 on [-5, 5]: T = 9 nodes)."""
+    from ssltrain.losses import dispatch as D
+    from ssltrain.losses.lejepa import sigreg_directions
+
+    v, n, num_points = 8, 4096, 17
+    shapes = ((512, 256),) if args.quick else ((512, 256), (2048, 1024))
+    rows = []
+    for d, s in shapes:
+        z = (torch.randn(v, n, d, device="cuda", generator=gen) / d**0.5).to(torch.bfloat16).requires_grad_()
+        a = sigreg_directions(d, s, seed=0, step=0, device="cuda")
+        row = _bench_pair(
+            "sigreg",
+            lambda x, a=a: (D.sigreg(x, a, num_points, impl="triton"),),
+            lambda x, a=a: (D.sigreg(x, a, num_points, impl="eager"),),
+            [z],
+            warmup,
+            reps,
+        )
+        row.update(v=v, n=n, d=d, s=s, num_points=num_points)
+        _print_row(f"{v}x{n} D={d} S={s}", row)
+        rows.append(row)
+        del z
     return rows
 
 
@@ -183,6 +211,7 @@ def run_cpu_interpret() -> None:
     n, d = 13, 40
     z_a = torch.randn(n, d, requires_grad=True)
     z_b = (z_a.detach() + 0.5 * torch.randn(n, d)).requires_grad_()
+    directions = losses.sigreg_directions(d, 24, seed=0, step=0)
     cases = (
         (
             "vicreg_reg",
@@ -192,6 +221,11 @@ def run_cpu_interpret() -> None:
         ("barlow_twins", lambda: D.barlow_twins(z_a, z_b, impl="triton"), lambda: losses.barlow_twins_loss(z_a, z_b)),
         ("nt_xent", lambda: D.nt_xent(z_a, z_b, impl="triton"), lambda: losses.nt_xent_loss(z_a, z_b)),
         ("cissl", lambda: D.cissl(z_a, z_b, z_b, z_a, impl="triton"), lambda: losses.cissl_loss(z_a, z_b, z_b, z_a)),
+        (
+            "sigreg",
+            lambda: (D.sigreg(torch.stack([z_a, z_b]), directions, impl="triton"),),
+            lambda: (losses.sigreg(torch.stack([z_a, z_b]), directions),),
+        ),
     )
     print(f"Triton interpreter on CPU, N={n} D={d} fp32 (timings are the interpreter's, meaningless for a GPU)")
     for name, fused, eager in cases:
@@ -210,7 +244,7 @@ def run_cpu_interpret() -> None:
 
 def run_compile_only(capability: int) -> None:
     os.environ.pop("TRITON_INTERPRET", None)
-    from ssltrain.kernels import _aot, _cov, _infonce
+    from ssltrain.kernels import _aot, _cov, _infonce, _sigreg
 
     def every_variant():
         for dtype in (torch.bfloat16, torch.float32, torch.float64):
@@ -230,6 +264,9 @@ def run_compile_only(capability: int) -> None:
                 torch.autograd.grad(loss, [z, zb])
                 loss, _ = _infonce.CISSL.apply(z, zb, zb, z, idx, all_rows, 0.1)
                 torch.autograd.grad(loss, [z, zb])
+            if dtype != torch.float64:  # SIGReg computes in fp32 (fp64 inputs take the eager path)
+                sums = _sigreg.ECFSums.apply(z, torch.randn(d, 96), torch.linspace(0, 5, 9))
+                torch.autograd.grad(sums.sum(), [z])
 
     recs = _aot.compile_all(every_variant, capability)
     spills = 0

@@ -13,7 +13,8 @@ Nothing here imports triton until a kernel runs, so CPU-only installs without tr
 Inputs may be bf16/fp16/fp32/fp64; the kernels compute in fp32 (fp64 for fp64 inputs) and return the
 reference's dtypes: loss terms in the compute dtype, gradients in the input dtype.
 
-Kernel design notes are in the docstrings of ``_cov`` (VICReg, Barlow Twins) and ``_infonce`` (NT-Xent, CISSL).
+Kernel design notes are in the docstrings of ``_cov`` (VICReg, Barlow Twins), ``_infonce`` (NT-Xent, CISSL) and
+``_sigreg`` (LeJEPA's SIGReg; float32 only, so float64 SIGReg inputs take the eager path).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["IMPLS", "barlow_twins", "cissl", "nt_xent", "resolve_impl", "vicreg_regularizer"]
+__all__ = ["IMPLS", "barlow_twins", "cissl", "nt_xent", "resolve_impl", "sigreg_sums", "vicreg_regularizer"]
 
 IMPLS = ("auto", "triton", "eager")
 
@@ -124,6 +125,15 @@ def cissl(
     with _on_device(s_a):
         loss, accuracy = _infonce.CISSL.apply(s_a, s_b, t_a, t_b, _int32(rows), all_rows, float(temperature))
     return {"loss": loss, "accuracy": accuracy}
+
+
+def sigreg_sums(z: Tensor, directions: Tensor, t: Tensor) -> Tensor:
+    """:func:`ssltrain.losses.lejepa.ecf_sums` fused: ``(2, ..., S, T)`` float32 sums over the rows of cos / sin of
+    ``t * (z @ directions)`` for z ``(N, D)`` or ``(V, N, D)`` (bf16/fp16/fp32), differentiable in z only."""
+    from . import _sigreg
+
+    with _on_device(z):
+        return _sigreg.ECFSums.apply(z, directions, t)
 
 
 def _int32(rows: Tensor) -> Tensor:

@@ -7,17 +7,22 @@ paths validate the inputs with the reference's own checks, so a bad input fails 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 from torch import Tensor
 
 import ssltrain.kernels as kernels
 from ssltrain.losses.barlow_twins import barlow_twins_loss, check_barlow_twins
 from ssltrain.losses.cissl import check_cissl, cissl_loss
-from ssltrain.losses.common import check_batch
+from ssltrain.losses.common import check_batch, compute_dtype
 from ssltrain.losses.infonce import check_nt_xent, nt_xent_loss
+from ssltrain.losses.lejepa import EcfSums, lejepa_loss
+from ssltrain.losses.lejepa import sigreg as _eager_sigreg
 from ssltrain.losses.vicreg import vicreg_loss
 from ssltrain.losses.vicreg import vicreg_regularizer as _eager_regularizer
 
-__all__ = ["barlow_twins", "cissl", "nt_xent", "vicreg", "vicreg_regularizer"]
+__all__ = ["barlow_twins", "cissl", "lejepa", "nt_xent", "sigreg", "vicreg", "vicreg_regularizer"]
 
 
 def vicreg_regularizer(z: Tensor, gamma: float = 1.0, eps: float = 1e-4, impl: str = "auto") -> tuple[Tensor, Tensor]:
@@ -83,3 +88,33 @@ def cissl(
         return cissl_loss(s_a, s_b, t_a, t_b, temperature, rows=rows)
     idx = check_cissl(s_a, s_b, t_a, t_b, temperature, rows)
     return kernels.cissl(s_a, s_b, t_a, t_b, temperature, idx, all_rows=rows is None)
+
+
+def _sigreg_sums(impl: str, z: Sequence[Tensor], directions: Tensor) -> EcfSums | None:
+    """The fused ECF sums when ``impl`` resolves to triton and the kernel applies (float32 compute, directions
+    without a gradient); None (the eager :func:`ssltrain.losses.lejepa.ecf_sums`) otherwise."""
+    if kernels.resolve_impl(impl, *z, directions) == "eager":
+        return None
+    if compute_dtype(*z, directions) == torch.float64 or directions.requires_grad:
+        return None
+    return kernels.sigreg_sums
+
+
+def sigreg(z: Tensor, directions: Tensor, num_points: int = 17, t_max: float = 5.0, impl: str = "auto") -> Tensor:
+    """:func:`ssltrain.losses.lejepa.sigreg`, its projections and characteristic-function sums from the fused
+    kernel (N x S x T never formed) when ``impl`` resolves to triton; the all-reduce stays the reference's."""
+    return _eager_sigreg(z, directions, num_points, t_max, sums=_sigreg_sums(impl, [z], directions))
+
+
+def lejepa(
+    views: Sequence[Tensor],
+    num_global: int,
+    directions: Tensor,
+    lambd: float = 0.05,
+    num_points: int = 17,
+    t_max: float = 5.0,
+    impl: str = "auto",
+) -> dict[str, Tensor]:
+    """:func:`ssltrain.losses.lejepa_loss`, SIGReg's sums as in :func:`sigreg`."""
+    sums = _sigreg_sums(impl, list(views), directions)
+    return lejepa_loss(views, num_global, directions, lambd, num_points, t_max, sums=sums)

@@ -12,7 +12,7 @@ gradient, summed by the backward over ranks, follows the single-process one (the
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -66,7 +66,19 @@ def epps_pulley_grid(num_points: int, t_max: float, dtype: torch.dtype = torch.f
     return t.to(dtype), (w * torch.exp(-t.square() / 2)).to(dtype)
 
 
-def sigreg(z: Tensor, directions: Tensor, num_points: int = 17, t_max: float = 5.0) -> Tensor:
+EcfSums = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def ecf_sums(z: Tensor, directions: Tensor, t: Tensor) -> Tensor:
+    """``(2, ..., S, T)``: this rank's sums over the rows of ``cos`` and ``sin`` of ``t * (z @ directions)``, in
+    ``t``'s dtype (the specification of the fused kernel ``ssltrain.kernels.sigreg_sums``)."""
+    x = (z.to(t.dtype) @ directions.to(t.dtype)).unsqueeze(-1) * t  # (..., N, S, T)
+    return torch.stack([x.cos().sum(dim=-3), x.sin().sum(dim=-3)])
+
+
+def sigreg(
+    z: Tensor, directions: Tensor, num_points: int = 17, t_max: float = 5.0, sums: EcfSums | None = None
+) -> Tensor:
     """SIGReg: the Epps-Pulley statistic of each projection ``z @ directions``, averaged over slices (and views).
 
     ``z`` is ``(N, D)`` or ``(V, N, D)`` (V views scored separately, one all-reduce); ``directions`` ``(D, S)``.
@@ -74,6 +86,7 @@ def sigreg(z: Tensor, directions: Tensor, num_points: int = 17, t_max: float = 5
 
     ``T(x) = N * integral |phi(t) - exp(-t^2/2)|^2 exp(-t^2/2) dt``  (trapezoid, ``num_points`` on
     ``[-t_max, t_max]``, see :func:`epps_pulley_grid`); returns the mean of ``T`` over slices and views.
+    ``sums`` computes this rank's ECF sums (:func:`ecf_sums`, the default; the dispatcher passes the fused kernel).
     """
     if z.dim() not in (2, 3) or directions.dim() != 2 or directions.shape[0] != z.shape[-1]:
         raise ValueError(
@@ -83,10 +96,9 @@ def sigreg(z: Tensor, directions: Tensor, num_points: int = 17, t_max: float = 5
     t, weights = epps_pulley_grid(num_points, t_max, dtype)
     t, weights = t.to(z.device), weights.to(z.device)
     with torch.autocast(z.device.type, enabled=False):  # phases t * x need the projection in >= float32
-        x = (z.to(dtype) @ directions.to(dtype)).unsqueeze(-1) * t  # (..., N, S, T)
-        sums = all_reduce_sum(torch.stack([x.cos().sum(dim=-3), x.sin().sum(dim=-3)]))  # (2, ..., S, T): all ranks
+        total = all_reduce_sum((sums or ecf_sums)(z, directions, t).to(dtype))  # (2, ..., S, T): all ranks
         n = all_reduce_sum(torch.tensor(float(z.shape[-2]), dtype=dtype, device=z.device))
-        cos_mean, sin_mean = sums[0] / n, sums[1] / n
+        cos_mean, sin_mean = total[0] / n, total[1] / n
         err = (cos_mean - torch.exp(-t.square() / 2)).square() + sin_mean.square()
         return (err @ weights * n).mean()
 
@@ -98,6 +110,7 @@ def lejepa_loss(
     lambd: float = 0.05,
     num_points: int = 17,
     t_max: float = 5.0,
+    sums: EcfSums | None = None,
 ) -> dict[str, Tensor]:
     """LeJEPA: ``loss = (1 - lambd) * prediction + lambd * sigreg``.
 
@@ -105,6 +118,7 @@ def lejepa_loss(
     ``prediction = 1/(V N D) * sum_{v,n,d} (c - z_v)[n, d]^2`` with ``c`` the mean of the global views'
     embeddings (no stop-gradient); ``sigreg`` = :func:`sigreg` of every view (global and local) on the same
     ``directions``, averaged over views. N counts the rows of all ranks: both terms are those of the whole batch.
+    ``sums``: as in :func:`sigreg`.
     """
     check_views(list(views), "views")
     if not 1 <= num_global <= len(views):
@@ -119,6 +133,6 @@ def lejepa_loss(
     sq_sum = all_reduce_sum((center - z).square().sum())
     count = all_reduce_sum(torch.tensor(float(z.numel()), dtype=dtype, device=z.device))
     prediction = sq_sum / count
-    regulariser = sigreg(z, directions, num_points, t_max)
+    regulariser = sigreg(z, directions, num_points, t_max, sums)
     loss = (1 - lambd) * prediction + lambd * regulariser
     return {"loss": loss, "prediction": prediction, "sigreg": regulariser}

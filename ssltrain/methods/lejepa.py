@@ -4,7 +4,8 @@ predict the global views' mean embedding from every view, with SIGReg keeping th
 No teacher, stop-gradient or schedule: one weight ``lambd`` trades prediction against SIGReg. SIGReg's random
 directions are drawn per step from ``(seed, step)`` (the official code seeds them by the global step), so they are
 the same on every rank and a resumed run draws the directions the uninterrupted one drew. The loss is that of the
-whole batch on every rank (:func:`ssltrain.losses.lejepa_loss` all-reduces its sums with autograd).
+whole batch on every rank (:func:`ssltrain.losses.lejepa_loss` all-reduces its sums with autograd); with
+``loss.impl`` auto (on CUDA) or triton, SIGReg's projections and sums come from the fused kernel.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from torch import Tensor, nn
 
 from ssltrain.config import Config, LeJEPAConfig
 from ssltrain.data.loaders import Views
-from ssltrain.losses.lejepa import lejepa_loss, sigreg_directions
+from ssltrain.losses import dispatch
+from ssltrain.losses.lejepa import sigreg_directions
 from ssltrain.methods.base import Method, outputs
 from ssltrain.models.heads import MLP
 
@@ -47,5 +49,7 @@ class LeJEPA(Method):
         c = self.cfg
         dtype = torch.promote_types(z[0].dtype, torch.float32)
         directions = sigreg_directions(z[0].shape[1], c.num_slices, self.seed, self.step, z[0].device, dtype)
-        terms = lejepa_loss(z, len(views.global_views), directions, c.lambd, c.num_points, c.t_max)
+        terms = dispatch.lejepa(
+            z, len(views.global_views), directions, c.lambd, c.num_points, c.t_max, impl=self.loss_impl
+        )
         return outputs(terms, z[0], features)
