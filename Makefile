@@ -22,7 +22,8 @@ demo: install
 	$(BIN)/ssltrain train configs/demo.yaml
 	$(BIN)/ssltrain eval runs/demo
 
-# video_setup.sh installs Debian's ffmpeg when it is missing (the video tests decode real clips with it).
+# video_setup.sh installs Debian's ffmpeg when it is missing (the video tests decode real clips with it);
+# servers_setup.sh installs Debian's nginx (the HTTP shard store of tests/test_store.py).
 # Lint, format, types and the import layering (.importlinter); `make test` runs it first. mypy and import-linter
 # run on a copy of the package laid out as installed (tools/lint_package.py).
 lint: install
@@ -32,6 +33,7 @@ lint: install
 
 test: install lint
 	bash tests/video_setup.sh
+	bash tests/servers_setup.sh
 	$(BIN)/python -m pytest -q tests
 
 clean:

@@ -70,6 +70,9 @@ def cmd_shards(args: argparse.Namespace) -> int | None:
         for split, count in sizes.items():
             _write(dataset.samples(split, count, seed=args.seed, size=args.size), out, split, size)
         (out / "classes.json").write_text(json.dumps(list(dataset.classes)))
+        from ssltrain.data.manifest import write_manifest
+
+        write_manifest(out)
         return None
     if args.source == "video":
         from ssltrain.data.ingest.video import write_video_shards

@@ -67,6 +67,21 @@ class VideoConfig:
 
 
 @dataclass
+class StoreConfig:
+    """Shards in object storage (s3://, gs://, https://): retries, timeouts, and the local shard cache
+    (ssltrain/data/store.py, shard_cache.py). A shard that fails every retry is skipped and counted."""
+
+    retries: int = 5  # failures in a row (no byte gained) before a shard is skipped
+    backoff_s: float = 0.5  # the first retry's wait; doubles each retry, times a random factor in [0.5, 1.5)
+    timeout_s: float = 60.0  # connecting and each socket read: a stalled store is abandoned after this
+    endpoint_url: str = ""  # S3-compatible stores (MinIO, Ceph, R2): their endpoint URL; "" is AWS
+    anonymous: bool = False  # public buckets: unsigned requests, no credentials
+    cache_dir: str = ""  # local cache of remote shards ("": streamed, not cached); ranks of a node may share it
+    cache_bytes: int = 50 * 1000**3  # the cache's size limit; least recently used shards are evicted
+    prefetch: int = 2  # shards downloaded ahead in the background (also the download threads)
+
+
+@dataclass
 class DataConfig:
     train: str = "???"  # shard paths: a directory, a glob, a brace pattern, or several separated by commas
     batch_size: int = 256  # global batch, over all ranks
@@ -76,6 +91,7 @@ class DataConfig:
     modality: str = "image"  # image | video (shards of clips from `ssltrain shards video`)
     video: VideoConfig = field(default_factory=VideoConfig)
     record_samples: bool = False  # write the sample keys of every step to RUN/samples/ (audit the data order)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ssltrain.data.loaders.cpu import DECODE_ERRORS, decode_image
+from ssltrain.data.manifest import write_manifest
 from ssltrain.data.shards import (
     IMAGE_EXTS,
     VIDEO_EXTS,
@@ -148,4 +149,7 @@ def verify_shards(spec: str, workers: int = 1, decode: bool = True, fix_index: b
             checks = list(pool.map(verify_shard, paths, [decode] * n, [fix_index] * n))
     else:
         checks = [verify_shard(p, decode, fix_index) for p in paths]
+    if fix_index:  # and the manifest.json of each directory checked, its checksums computed again
+        for directory in sorted({p.parent for p in paths}):
+            write_manifest(directory, rehash=[p for p in paths if p.parent == directory])
     return VerifyReport(checks)

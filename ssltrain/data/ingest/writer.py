@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ssltrain.data.manifest import write_manifest
 from ssltrain.data.shards import DataError, index_path_for, read_index, write_shard
 
 log = logging.getLogger("ssltrain")
@@ -222,4 +223,6 @@ def write_planned(
             report.written.append(path)
         report.samples += count
         report.skipped.extend(skipped)
+    if report.shards:  # the shard set's manifest.json: paths, sample counts, sizes, sha256
+        write_manifest(out_dir, rehash=report.written)
     return report
