@@ -154,10 +154,17 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+def _mix_int(x: int) -> int:
+    """:func:`_mix64` on one Python integer: the same value, without numpy's per-call overhead."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
 def _mix_scalar(*parts: int) -> int:
     z = 0
     for part in parts:
-        z = int(_mix64(np.array([(z * 0x9E3779B97F4A7C15 + part + 1) & _M64], dtype=np.uint64))[0])
+        z = _mix_int((z * 0x9E3779B97F4A7C15 + part + 1) & _M64)
     return z
 
 

@@ -1,10 +1,13 @@
 """What the loop reports: a record in metrics.jsonl (and TensorBoard, W&B) at every log step, the progress display
 and the monitors' warnings.
 
-Throughput counts training time only: time the monitors spend on their own scheduled measurements (online kNN) is
-left out of ``img_per_s``. ``time_s`` is the run's wall-clock time, carried across resumes by the checkpoints. On a
-terminal the progress is a bar; in a redirected log (a Slurm job's output) it is one line per log step, since a
-bar's carriage-return frames would fill the file.
+Two rates, both over the samples trained since the previous record (all ranks): ``img_per_s``, the training rate,
+whose clock starts after the previous record is written and leaves out the monitors' scheduled measurements (online
+kNN passes and the like, :meth:`Progress.exclude`), so it excludes those passes and the writing of the records
+(steps, data waits and checkpoint saves are in it); and ``img_per_s_wall``, over the wall time between one record
+and the next, everything included: what a run of N samples really costs. ``time_s`` is the run's wall-clock time,
+carried across resumes by the checkpoints. On a terminal the progress is a bar; in a redirected log (a Slurm job's
+output) it is one line per log step, since a bar's carriage-return frames would fill the file.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Progress:
         )
         self.lines = shown and not sys.stderr.isatty()  # a line per log step instead of the bar
         self._start, self._samples, self._wait = time.perf_counter(), 0, 0.0
+        self._wall_start = self._start  # the previous record's time (the start, before the first)
         log.info(
             "%d samples in %d shards; %d steps of %d (%d ranks x %d micro-batches); lr %.4g",
             len(run.catalog),
@@ -65,7 +69,7 @@ class Progress:
         return step % self.run.cfg.log_every == 0 or step == self.last_step
 
     def exclude(self, seconds: float) -> None:
-        """Leave ``seconds`` (a monitor's scheduled measurement) out of the training rate."""
+        """Leave ``seconds`` (a monitor's scheduled measurement) out of the training rate (not the wall rate)."""
         self._start += seconds
 
     def update(self, result: StepResult, figures: dict[str, float], log_due: bool) -> None:
@@ -81,13 +85,16 @@ class Progress:
         run = self.run
         skipped = int(all_reduce_sum(torch.tensor(run.data_skipped)).item())
         weights = float(total_norm(run.model.parameters(), of_grads=False))
+        now = time.perf_counter()
+        wall, self._wall_start = now - self._wall_start, now
         if self.metrics is None:
             return
         record: dict[str, Any] = {
             "step": run.step,
             "epoch": run.step * run.global_batch / run.samples_per_epoch,
             "lr": result.lr,
-            "img_per_s": self._samples / (time.perf_counter() - self._start),
+            "img_per_s": self._samples / (now - self._start),
+            "img_per_s_wall": self._samples / wall,
             "data_wait_s": self._wait,
             "time_s": run.elapsed_s(),
             "data_skipped": skipped,
@@ -104,15 +111,18 @@ class Progress:
             for warning in monitor.warnings(record):
                 log.warning("step %d: %s", run.step, warning)
         loss = record.get("loss", math.nan)
-        self.bar.set_postfix(loss=f"{loss:.4g}", img_s=f"{record['img_per_s']:.0f}")
+        self.bar.set_postfix(
+            loss=f"{loss:.4g}", img_s=f"{record['img_per_s']:.0f}", wall_img_s=f"{record['img_per_s_wall']:.0f}"
+        )
         if self.lines:
             log.info(
-                "step %d/%d: loss %.4g, lr %.3g, %.0f img/s",
+                "step %d/%d: loss %.4g, lr %.3g, %.0f img/s training, %.0f img/s wall clock",
                 run.step,
                 run.cfg.steps,
                 loss,
                 result.lr,
                 record["img_per_s"],
+                record["img_per_s_wall"],
             )
 
     def close(self) -> None:

@@ -27,6 +27,7 @@ NON_LOSS = {
     "time_s",
     "lr",
     "img_per_s",
+    "img_per_s_wall",
     "data_wait_s",
     "data_skipped",
     "data_shards_skipped",
@@ -197,7 +198,7 @@ def plot_lr(train: Sequence[dict[str, Any]], out_dir: Path) -> Plot:
 
 
 def plot_throughput(train: Sequence[dict[str, Any]], out_dir: Path) -> Plot:
-    keys = [k for k in ("img_per_s", "data_wait_s") if series(train, k)[0]]
+    keys = [k for k in ("img_per_s", "img_per_s_wall", "data_wait_s") if series(train, k)[0]]
     if not keys:
         return Plot("throughput", "Throughput", None, "no img_per_s in metrics.jsonl")
     return Plot(

@@ -197,6 +197,15 @@ def _machine(hardware: dict[str, Any] | None) -> str | None:
     return f"{where}; {versions}"
 
 
+THROUGHPUT = [  # metrics.jsonl's rates (ssltrain/engine/progress.py), as the summary names them
+    (
+        "img_per_s",
+        "throughput, training (median; without the monitors' scheduled passes, e.g. online kNN, and logging)",
+    ),
+    ("img_per_s_wall", "throughput, wall clock (median; everything included)"),
+]
+
+
 def _summary(
     cfg: Config, train: list[dict[str, Any]], latest: Path | None, hardware: dict[str, Any] | None
 ) -> list[str]:
@@ -220,9 +229,10 @@ def _summary(
         elapsed = _number(last.get("time_s"))
         if elapsed is not None:
             md.append(f"| training time | {_duration(elapsed)} (wall clock to step {last['step']}, resumes included) |")
-        rates = [float(r["img_per_s"]) for r in train if isinstance(r.get("img_per_s"), (int, float))]
-        if rates:
-            md.append(f"| throughput (median) | {sorted(rates)[len(rates) // 2]:.0f} images/s |")
+        for key, what in THROUGHPUT:
+            rates = [float(r[key]) for r in train if isinstance(r.get(key), (int, float))]
+            if rates:
+                md.append(f"| {what} | {sorted(rates)[len(rates) // 2]:.0f} images/s (`{key}`) |")
         for key, what in COUNTERS:
             value = _number(last.get(key))
             if value is not None:

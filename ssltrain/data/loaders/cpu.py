@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from ssltrain.config import Config
-from ssltrain.data.augment import CPURenderer, EvalTransform
+from ssltrain.data.augment import CPURenderer, EvalTransform, SampleRandom
 from ssltrain.data.loaders.dataset import (
     Sample,
     SeededSamples,
@@ -61,13 +61,13 @@ class ImageViews:
     def __init__(self, renderer: CPURenderer) -> None:
         self.renderer = renderer
 
-    def __call__(self, raw: RawSample, sample_id: int, position: int) -> Sample:
+    def __call__(self, raw: RawSample, sample_id: int, position: int, rng: SampleRandom) -> Sample:
         assert raw.image is not None  # the dataset skips samples without one
         try:
             image = decode_image(raw.image)
         except DECODE_ERRORS as err:
             raise Unreadable(decode_reason(err)) from None
-        global_views, local_views = self.renderer(image)
+        global_views, local_views = self.renderer(image, rng)
         return Sample(global_views, local_views, sample_id, raw.label, position)
 
 

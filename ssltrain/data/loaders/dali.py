@@ -4,9 +4,10 @@ Why it is built this way:
 
 - Exact resume. Samples come from our ``GlobalBatchSampler`` through ``fn.external_source``, never from a DALI
   reader, so the order is the sample stream's and a resumed run continues it exactly. Every random choice is drawn on
-  the host, per sample, by :func:`ssltrain.data.augment.draw` inside the seeded dataset, exactly as the CPU renderer
-  draws it. DALI only applies the drawn ``ViewParams`` (no DALI random op), so a view is a function of (seed,
-  position) alone: the same as on the CPU path, run after run, whatever the thread or worker count.
+  the host, per sample, by :func:`ssltrain.data.augment.draw` from the sample's own generator inside the seeded
+  dataset, exactly as the CPU renderer draws it. DALI only applies the drawn ``ViewParams`` (no DALI random op), so
+  a view is a function of (seed, position) alone: the same as on the CPU path, run after run, whatever the thread or
+  worker count.
 - Decode once: each image is decoded once (``mixed``: on the GPU) and every global and local view is cut from it.
 - torchvision's semantics op for op, on uint8-valued pixels: brightness, contrast (pivot: the mean of the floored
   luma), saturation, HSV hue, the truncation to uint8 after each, grayscale, blur (odd kernel ~10% of the side,
@@ -39,7 +40,16 @@ from PIL import Image
 from torch import Tensor
 
 from ssltrain.config import Config
-from ssltrain.data.augment import BRIGHTNESS, CONTRAST, HUE, SATURATION, CPURenderer, ViewParams, ViewSpec
+from ssltrain.data.augment import (
+    BRIGHTNESS,
+    CONTRAST,
+    HUE,
+    SATURATION,
+    CPURenderer,
+    SampleRandom,
+    ViewParams,
+    ViewSpec,
+)
 from ssltrain.data.loaders.cpu import DECODE_ERRORS, AugmentedShards, build_cpu_loader, decode_reason
 from ssltrain.data.loaders.dataset import Sample, SeededSamples, Skipped, Unreadable, Views, make_loader
 from ssltrain.data.stream import GlobalBatchSampler, RawSample, ShardCatalog
@@ -105,7 +115,7 @@ class _HostDraws:
     def __init__(self, renderer: CPURenderer) -> None:
         self.renderer = renderer
 
-    def __call__(self, raw: RawSample, sample_id: int, position: int) -> _Ready | _OnCPU:
+    def __call__(self, raw: RawSample, sample_id: int, position: int, rng: SampleRandom) -> _Ready | _OnCPU:
         assert raw.image is not None  # the dataset skips samples without one
         try:
             img = Image.open(io.BytesIO(raw.image))
@@ -115,7 +125,7 @@ class _HostDraws:
             (width, height), ok = img.size, _dali_decodes_like_pil(img, raw.image)
         if not ok:
             return _OnCPU(sample_id, position)
-        params = self.renderer.draw(height, width)
+        params = self.renderer.draw(height, width, rng)
         return _Ready(np.frombuffer(raw.image, dtype=np.uint8), params, sample_id, position, raw.label)
 
 

@@ -1,10 +1,11 @@
 """The one seeded dataset every renderer plugs into, and the batch it collates to (``Views``).
 
-The sampler hands the dataset ``(sample_id, position)`` pairs. :class:`SeededSamples` reads the sample, seeds
-torch's generator from ``(seed, position)`` and calls a renderer (CPU views, DALI's host preparation, video
-views): every random draw of a sample is then a function of (seed, position) alone, independent of the worker
-count, so a resumed run renders exactly what it would have. A sample that cannot be used is skipped and reported
-in the batch (``Views.skipped``): one bad sample in a million never stops a run or hangs a worker.
+The sampler hands the dataset ``(sample_id, position)`` pairs. :class:`SeededSamples` reads the sample, makes the
+sample's own generator from ``(seed, position)`` (:class:`ssltrain.data.augment.SampleRandom`; no global random
+state is touched) and calls a renderer (CPU views, DALI's host preparation, video views) with it: every random draw
+of a sample is then a function of (seed, position) alone, independent of the worker count, so a resumed run renders
+exactly what it would have. A sample that cannot be used is skipped and reported in the batch (``Views.skipped``):
+one bad sample in a million never stops a run or hangs a worker.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
+from ssltrain.data.augment import SampleRandom
 from ssltrain.data.signals import blocked, shield_worker
-from ssltrain.data.stream import GlobalBatchSampler, RawSample, ShardCatalog, sample_seed
+from ssltrain.data.stream import GlobalBatchSampler, RawSample, ShardCatalog
 
 
 @dataclass
@@ -78,16 +80,17 @@ T_co = TypeVar("T_co", covariant=True)
 
 
 class Renderer(Protocol[T_co]):
-    """Turns one read sample into what a loader collates; called with torch's generator seeded for the sample."""
+    """Turns one read sample into what a loader collates; every random draw comes from ``rng``, the sample's own."""
 
-    def __call__(self, raw: RawSample, sample_id: int, position: int) -> T_co: ...
+    def __call__(self, raw: RawSample, sample_id: int, position: int, rng: SampleRandom) -> T_co: ...
 
 
 T = TypeVar("T")
 
 
 class SeededSamples(Dataset, Generic[T]):
-    """Map-style dataset over a catalog: read, seed from (seed, position), render; skip what cannot be used."""
+    """Map-style dataset over a catalog: read, make the sample's generator from (seed, position), render; skip what
+    cannot be used."""
 
     def __init__(self, catalog: ShardCatalog, render: Renderer[T], seed: int) -> None:
         self.catalog, self.render, self.seed = catalog, render, seed
@@ -100,12 +103,10 @@ class SeededSamples(Dataset, Generic[T]):
         raw = self.catalog.read(sample_id)
         if raw.image is None:
             return Skipped(f"{raw.shard}:{raw.key}", raw.problem)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, position))
-            try:
-                return self.render(raw, sample_id, position)
-            except Unreadable as err:
-                return Skipped(f"{raw.shard}:{raw.key}", str(err))
+        try:
+            return self.render(raw, sample_id, position, SampleRandom.of(self.seed, position))
+        except Unreadable as err:
+            return Skipped(f"{raw.shard}:{raw.key}", str(err))
 
 
 def collate_views(items: list[Sample | Skipped]) -> Views:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ssltrain.config import Config, check_video_config
-from ssltrain.data.augment import CPURenderer, ViewParams, ViewSpec, apply
+from ssltrain.data.augment import CPURenderer, SampleRandom, ViewParams, ViewSpec, apply
 from ssltrain.data.loaders.dataset import Sample, SeededSamples, Unreadable, Views, make_loader
 from ssltrain.data.shards import read_index
 from ssltrain.data.stream import GlobalBatchSampler, RawSample, ShardCatalog
@@ -75,19 +75,18 @@ class ClipMetadata:
         return ClipInfo(video.fps, video.frames, video.width, video.height)
 
 
-def draw_windows(frames: int, fps: float, length: int, max_gap_s: float) -> list[list[int]]:
+def draw_windows(frames: int, fps: float, length: int, max_gap_s: float, rng: SampleRandom) -> list[list[int]]:
     """Frame indices of two views of ``length`` frames whose starts lie a random ``[0, max_gap_s]`` apart.
 
     The gap (whole frames, at most what the clip allows) is drawn first, then the earlier start, then which view
-    is the earlier one, all from torch's generator (seeded per sample). A clip shorter than ``length`` repeats
-    its last frame.
+    is the earlier one, all from the sample's ``rng``. A clip shorter than ``length`` repeats its last frame.
     """
     span = max(0, frames - length)  # the latest start of a whole window
     max_gap = min(span, math.floor(max_gap_s * fps + 1e-6))
-    gap = int(torch.randint(0, max_gap + 1, (1,)))
-    first = int(torch.randint(0, span - gap + 1, (1,)))
+    gap = rng.integer(0, max_gap + 1)
+    first = rng.integer(0, span - gap + 1)
     starts = [first, first + gap]
-    if bool(torch.rand(1) < 0.5):
+    if rng.coin(0.5):
         starts.reverse()
     return [[min(s + k, frames - 1) for k in range(length)] for s in starts]
 
@@ -103,28 +102,28 @@ class ClipViews:
         self.max_gap_s = cfg.data.video.max_gap_s
         self.renderer = CPURenderer(cfg.augment)
 
-    def __call__(self, raw: RawSample, sample_id: int, position: int) -> Sample:
+    def __call__(self, raw: RawSample, sample_id: int, position: int, rng: SampleRandom) -> Sample:
         assert raw.image is not None  # the dataset skips samples without one
         try:
-            return self._render(raw.image, sample_id, raw.label, position)
+            return self._render(raw.image, sample_id, raw.label, position, rng)
         except FFmpegError as err:
             raise Unreadable(f"cannot decode clip ({err})") from None
 
-    def _render(self, data: bytes, sample_id: int, label: int | None, position: int) -> Sample:
+    def _render(self, data: bytes, sample_id: int, label: int | None, position: int, rng: SampleRandom) -> Sample:
         info = self.metadata.info(sample_id, data)
         decoded = None
         frames = info.frames
         if frames is None:
             decoded = decode_clip(data, info.width, info.height, timeout=DECODE_TIMEOUT_S)
             frames = len(decoded)
-        windows = draw_windows(frames, info.fps, self.length, self.max_gap_s)
+        windows = draw_windows(frames, info.fps, self.length, self.max_gap_s, rng)
         if decoded is None:
             last_needed = max(max(w) for w in windows)
             decoded = decode_clip(data, info.width, info.height, last_needed + 1, timeout=DECODE_TIMEOUT_S)
         clip = torch.from_numpy(decoded.copy())  # [N, H, W, 3]
         last = len(decoded) - 1  # fewer frames than the metadata promised: repeat the last one
         windows = [[min(k, last) for k in w] for w in windows]
-        params = self.renderer.draw(clip.shape[1], clip.shape[2])
+        params = self.renderer.draw(clip.shape[1], clip.shape[2], rng)
         n_global = len(self.renderer.global_views)
         views = [
             self._view(clip, windows[i % 2], p, v)
