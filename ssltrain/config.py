@@ -251,6 +251,58 @@ class LeJEPAConfig:
 
 
 @dataclass
+class DINOv2Config(DINOConfig):
+    """DINOv2 (Oquab et al. 2023; facebookresearch/dinov2 ssl_default_config.yaml): DINO's head, temperatures and EMA
+    teacher (the fields above, with DINOv2's defaults) + the iBOT masked-patch loss + KoLeo on the student's CLS."""
+
+    teacher_temperature: float = 0.07  # after a linear warm-up from warmup_teacher_temperature (official 30 epochs)
+    momentum: float = 0.992  # cosine to 1
+    centering: str = "sinkhorn_knopp"  # sinkhorn_knopp (the paper) | centering (softmax with an EMA centre, as DINO)
+    sinkhorn_iterations: int = 3
+    dino_loss_weight: float = 1.0
+    ibot_loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
+    ibot_separate_head: bool = False  # false: the iBOT loss shares the DINO head (ssl_default_config)
+    ibot_out_dim: int = 65536  # the iBOT head's, with ibot_separate_head only
+    ibot_hidden_dim: int = 2048
+    ibot_bottleneck_dim: int = 256
+    mask_sample_probability: float = 0.5  # each (sample, global view) is masked with this probability
+    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])  # its masked fraction: uniform here
+    layerwise_decay: float = 0.9  # backbone lr x decay^(depth + 1 - layer); 1.0 turns it off
+    patch_embed_lr_mult: float = 0.2
+
+
+@dataclass
+class MAEConfig:
+    """Masked autoencoder (He et al. 2022): the ViT encodes a random (1 - mask_ratio) of the patches, a transformer
+    decoder reconstructs the pixels of the masked ones (official decoder: 512 wide, 8 blocks, 16 heads)."""
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True  # targets normalised per patch (the paper's best setting)
+
+
+@dataclass
+class IJEPAConfig:
+    """I-JEPA (Assran et al. 2023; facebookresearch/ijepa, configs/in1k_vith14_ep300.yaml): multi-block masks on the
+    global crop's patch grid, a ViT predictor, an EMA target encoder (momentum linear to momentum_end)."""
+
+    predictor_depth: int = 12
+    predictor_width: int = 384
+    predictor_heads: int = 0  # 0: the backbone's head count (official)
+    num_targets: int = 4
+    target_scale: list[float] = field(default_factory=lambda: [0.15, 0.2])
+    target_aspect_ratio: list[float] = field(default_factory=lambda: [0.75, 1.5])
+    context_scale: list[float] = field(default_factory=lambda: [0.85, 1.0])
+    min_keep: int = 10  # a block keeps more than this many patches
+    allow_overlap: bool = False  # true: the context is not cut by the targets
+    momentum: float = 0.996  # EMA momentum at step 0; linear to momentum_end at the last step
+    momentum_end: float = 1.0
+
+
+@dataclass
 class MethodConfig:
     name: str = "vicreg"  # one of METHOD_NAMES: the fields below that hold a method's own settings
     projector: list[int] = field(default_factory=lambda: [2048, 2048, 2048])  # hidden..., output widths
@@ -268,6 +320,9 @@ class MethodConfig:
     dino: DINOConfig = field(default_factory=DINOConfig)
     swav: SwAVConfig = field(default_factory=SwAVConfig)
     lejepa: LeJEPAConfig = field(default_factory=LeJEPAConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    dinov2: DINOv2Config = field(default_factory=DINOv2Config)
+    ijepa: IJEPAConfig = field(default_factory=IJEPAConfig)
 
 
 # Every method has its own sub-config above, named as the method: the one list of method names (ssltrain.methods

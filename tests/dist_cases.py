@@ -20,8 +20,11 @@ from ssltrain.methods.byol import BYOL
 from ssltrain.methods.cissl import CISSL
 from ssltrain.methods.diet import DIET
 from ssltrain.methods.dino import DINO
+from ssltrain.methods.dinov2 import DINOv2
 from ssltrain.methods.dissl import DISSL
+from ssltrain.methods.ijepa import IJEPA
 from ssltrain.methods.lejepa import LeJEPA
+from ssltrain.methods.mae import MAE
 from ssltrain.methods.mocov3 import MoCoV3
 from ssltrain.methods.simclr import SimCLR
 from ssltrain.methods.swav import SwAV
@@ -29,6 +32,7 @@ from ssltrain.methods.vcreg import VCReg
 from ssltrain.methods.vicreg import VICReg
 from ssltrain.methods.vicreg_logdet import VICRegLogDet
 from ssltrain.methods.vicreg_pairwise import VICRegPairwise
+from ssltrain.models.backbones import ViT
 
 DIM, OUT, BATCH, NUM_SAMPLES = 6, 5, 8, 13
 METHODS = [
@@ -47,6 +51,10 @@ METHODS = [
     "swav",
     "swav_queue",
     "lejepa",
+    "dinov2",
+    "dinov2_centering",
+    "mae",
+    "ijepa",
 ]
 
 
@@ -84,12 +92,26 @@ def make_method(name: str) -> Method:
         return LeJEPA(backbone, DIM, proj, C.LeJEPAConfig(lambd=0.3, num_slices=7))
     if name == "swav_queue":  # the queue holds the first batch's embeddings when the measured one runs
         return SwAV(backbone, DIM, proj, C.SwAVConfig(prototypes=7, epsilon=0.5, queue_size=BATCH))
+    if name == "mae":  # a 2x2 grid of 4-px patches, 1 kept per view; each sample's own mask from its position
+        vit = ViT(img_size=8, patch_size=4, embed_dim=8, depth=2, num_heads=2, num_classes=0, dynamic_img_size=True)
+        return MAE(vit, 8, C.MAEConfig(decoder_dim=8, decoder_depth=1, decoder_heads=2), grid=2, views=2)
+    if name == "ijepa":  # a 4x4 grid of 2-px patches; the masks' group is the whole batch, truncated over it
+        vit = ViT(img_size=8, patch_size=2, embed_dim=8, depth=2, num_heads=2, num_classes=0, dynamic_img_size=True)
+        return IJEPA(vit, 8, C.IJEPAConfig(predictor_depth=1, predictor_width=8, num_targets=2, min_keep=0), (4, 4))
+    if name in ("dinov2", "dinov2_centering"):  # a 4x4 grid of 2-px patches, one register; KoLeo gathers the CLS
+        vit = ViT(img_size=8, patch_size=2, embed_dim=8, depth=2, num_heads=2, num_classes=0, dynamic_img_size=True,
+                  reg_tokens=1, no_embed_class=True)  # fmt: skip
+        centering = "centering" if name == "dinov2_centering" else "sinkhorn_knopp"
+        temps = {"teacher_temperature": 0.2, "warmup_teacher_temperature": 0.2}
+        cfg = C.DINOv2Config(out_dim=9, hidden_dim=8, bottleneck_dim=4, centering=centering, **temps)
+        cfg.mask_sample_probability = 0.75
+        return DINOv2(vit, 8, cfg, (4, 4))
     raise ValueError(name)
 
 
 # Methods that read patch tokens (masked and predictive ones) run on a small ViT over images of this shape.
 IMAGE_SHAPE = (3, 8, 8)
-IMAGE_METHODS: set[str] = set()
+IMAGE_METHODS: set[str] = {"mae", "ijepa", "dinov2", "dinov2_centering"}
 
 
 def full_batch(name: str) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -23,6 +23,12 @@ VIT = {"model.backbone": "vit_tiny", "model.patch_size": 4, "optim.lr": 0.001}
 METHODS: dict[str, dict[str, object]] = {
     "lejepa": {"method.lejepa.num_slices": 16},
     "mocov3": {"method.mocov3.predictor": "[32,64]"},
+    "mae": {
+        "augment.global_crops.count": 1,
+        "method.mae.decoder_dim": 32,
+        "method.mae.decoder_depth": 1,
+        "method.mae.decoder_heads": 2,
+    },
 }
 
 

@@ -20,9 +20,12 @@ from ssltrain.losses.cissl import cissl_loss
 from ssltrain.losses.common import marginal_entropy
 from ssltrain.losses.diet import diet_loss, sharded_diet_loss
 from ssltrain.losses.dino import dino_loss
+from ssltrain.losses.dinov2 import dinov2_dino_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp_teacher
 from ssltrain.losses.dissl import dissl_loss, global_marginal_entropy
+from ssltrain.losses.ijepa import ijepa_loss
 from ssltrain.losses.infonce import nt_xent_loss
 from ssltrain.losses.lejepa import lejepa_loss, sigreg, sigreg_directions
+from ssltrain.losses.mae import mae_loss, patchify, unpatchify
 from ssltrain.losses.mocov3 import moco_contrastive_loss, mocov3_loss
 from ssltrain.losses.swav import sinkhorn_knopp, swav_loss
 from ssltrain.losses.vcreg import orthonormality_penalty, vcreg_loss
@@ -43,21 +46,29 @@ __all__ = [
     "covariance_offdiag",
     "diet_loss",
     "dino_loss",
+    "dinov2_dino_loss",
     "dissl_loss",
     "global_marginal_entropy",
+    "ibot_patch_loss",
+    "ijepa_loss",
+    "koleo_loss",
     "lejepa_loss",
     "logdet_entropy",
+    "mae_loss",
     "marginal_entropy",
     "moco_contrastive_loss",
     "mocov3_loss",
     "nt_xent_loss",
     "orthonormality_penalty",
     "pairwise_entropy",
+    "patchify",
     "sharded_diet_loss",
     "sigreg",
     "sigreg_directions",
     "sinkhorn_knopp",
+    "sinkhorn_knopp_teacher",
     "swav_loss",
+    "unpatchify",
     "variance_hinge",
     "vcreg_loss",
     "vicreg_logdet_loss",

@@ -9,8 +9,11 @@ from ssltrain.methods.byol import BYOL
 from ssltrain.methods.cissl import CISSL
 from ssltrain.methods.diet import DIET
 from ssltrain.methods.dino import DINO
+from ssltrain.methods.dinov2 import DINOv2
 from ssltrain.methods.dissl import DISSL
+from ssltrain.methods.ijepa import IJEPA
 from ssltrain.methods.lejepa import LeJEPA
+from ssltrain.methods.mae import MAE
 from ssltrain.methods.mocov3 import MoCoV3
 from ssltrain.methods.simclr import SimCLR
 from ssltrain.methods.swav import SwAV
@@ -36,6 +39,9 @@ METHODS: dict[str, type[Method]] = {
     "dino": DINO,
     "swav": SwAV,
     "lejepa": LeJEPA,
+    "ijepa": IJEPA,
+    "dinov2": DINOv2,
+    "mae": MAE,
 }
 
 
