@@ -87,6 +87,12 @@ class DataConfig:
     batch_size: int = 256  # global batch, over all ranks
     workers: int = 2  # DataLoader worker processes per rank
     shuffle: bool = True
+    # The sample order (ssltrain/data/order.py): shards laid end to end in an order drawn per epoch, cut into
+    # `streams` spans read in order and interleaved, shuffled within windows of `shuffle_window` samples (0: a
+    # stream's whole span). Both fixed for the life of a run; a world size dividing `streams` reads each shard on
+    # one rank.
+    streams: int = 8
+    shuffle_window: int = 0
     loader: str = "torch"  # torch: CPU decode + augment in DataLoader workers | dali: DALI (GPU when there is one)
     modality: str = "image"  # image | video (shards of clips from `ssltrain shards video`)
     video: VideoConfig = field(default_factory=VideoConfig)
@@ -614,6 +620,7 @@ def _check(cfg: Config, source: str) -> None:
     positive = [
         "steps",
         "data.batch_size",
+        "data.streams",
         "checkpoint.every",
         "checkpoint.keep",
         "augment.global_crops.count",
@@ -627,6 +634,10 @@ def _check(cfg: Config, source: str) -> None:
     for key in ("method.swav.queue_size", "method.swav.queue_start_step"):
         if _node_at(cfg, key) < 0:
             raise ConfigError(f"{source}: '{key}' must be >= 0 (queue_size 0: no queue), got {_node_at(cfg, key)}")
+    if cfg.data.shuffle_window < 0:
+        raise ConfigError(
+            f"{source}: 'data.shuffle_window' must be >= 0 (0: each stream's whole span), got {cfg.data.shuffle_window}"
+        )
     if cfg.eval.online_knn_every < 0:
         raise ConfigError(f"{source}: 'eval.online_knn_every' must be >= 0 (0: off), got {cfg.eval.online_knn_every}")
     caps = cfg.eval.online_knn_samples

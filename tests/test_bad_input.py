@@ -108,7 +108,8 @@ def test_training_on_a_damaged_shard_set_skips_and_counts_every_case(tmp_path: P
         catalog = ShardCatalog.from_spec(str(data))
     bad_ids = {i for i in range(len(catalog)) if isinstance(read_decoded(catalog, i), Skipped)}
     assert len(bad_ids) >= 4 + 5  # the four bad members, and at least a quarter of the truncated shard
-    reached = [sid for batch in GlobalBatchSampler(len(catalog), 8, cfg.seed, end=48) for sid, _ in batch]
+    order = catalog.stream_order(cfg.data.streams, cfg.data.shuffle_window, cfg.seed)
+    reached = [sid for batch in GlobalBatchSampler(order, 8, end=48) for sid, _ in batch]
     assert last["data_skipped"] == sum(sid in bad_ids for sid in reached) > 0
 
 

@@ -44,6 +44,7 @@ VIT = {
     "optim.lr": 0.5,
     "checkpoint.every": 3,
     "data.record_samples": True,
+    "data.streams": 12,  # a multiple of every world size below (4, 3, 2): each shard is read on one rank
 }
 
 

@@ -12,54 +12,105 @@ from conftest import png_bytes
 from ssltrain.config import AugmentConfig, CropConfig
 from ssltrain.data.augment import CPURenderer
 from ssltrain.data.loaders.cpu import AugmentedShards, make_loader
+from ssltrain.data.order import StreamOrder, permute
 from ssltrain.data.shards import index_path_for, read_index, scan_tar
-from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog, epoch_permutation, sample_seed
+from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog, sample_seed
+
+SHARDS = np.array([9, 14, 0, 11, 16])
+PINNED_EPOCH_0 = [7, 5, 2, 3, 0, 4, 9, 8, 6, 1]
+PINNED_STREAMS = [35, 46, 10, 19, 37, 47, 9, 21, 34, 48, 32, 18]  # 50 samples in shards of uneven sizes, one empty
 
 
-def global_batches(num: int, batch: int, world: int, start: int = 0, end: int | None = None, seed: int = 3):
-    """Reassemble global batches from every rank's slices, as a list of lists of (id, position)."""
-    per_rank = [list(GlobalBatchSampler(num, batch, seed, start, end, rank=r, world_size=world)) for r in range(world)]
-    return [sum((per_rank[r][b] for r in range(world)), []) for b in range(len(per_rank[0]))]
+def layouts() -> list[StreamOrder]:
+    """One stream and one window (a global shuffle), streams with whole-span windows, streams with small windows."""
+    return [StreamOrder(SHARDS, s, w, seed=3) for s, w in ((1, 0), (4, 0), (4, 5), (6, 3))]
+
+
+def global_batches(order: StreamOrder | int, batch: int, world: int, start: int = 0, end: int | None = None):
+    """Reassemble global batches from every rank's share, as lists of (id, position) in position order."""
+    per_rank = [list(GlobalBatchSampler(order, batch, 3, start, end, rank=r, world_size=world)) for r in range(world)]
+    return [
+        sorted(sum((per_rank[r][b] for r in range(world)), []), key=lambda x: x[1]) for b in range(len(per_rank[0]))
+    ]
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 6])
 def test_global_batches_do_not_depend_on_world_size(world: int) -> None:
-    reference = global_batches(50, 12, 1, end=12 * 10)
-    assert global_batches(50, 12, world, end=12 * 10) == reference
+    for order in layouts():
+        reference = global_batches(order, 12, 1, end=12 * 10)
+        assert global_batches(order, 12, world, end=12 * 10) == reference
 
 
 def test_each_epoch_is_a_permutation_without_repeats() -> None:
-    num, batch = 50, 12
-    per_epoch = (num // batch) * batch
-    batches = global_batches(num, batch, 2, end=per_epoch * 3)
-    ids = [i for b in batches for i, _ in b]
-    epochs = [ids[e * per_epoch : (e + 1) * per_epoch] for e in range(3)]
-    for e in epochs:
-        assert len(set(e)) == per_epoch  # no sample twice within an epoch (the remainder is dropped)
-    assert epochs[0] != epochs[1]  # reshuffled every epoch
-    positions = [p for b in batches for _, p in b]
-    assert positions == list(range(per_epoch * 3))
+    batch = 12
+    for order in layouts():
+        per_epoch = (order.samples // batch) * batch
+        batches = global_batches(order, batch, 2, end=per_epoch * 3)
+        ids = [i for b in batches for i, _ in b]
+        epochs = [ids[e * per_epoch : (e + 1) * per_epoch] for e in range(3)]
+        for e in epochs:
+            assert len(set(e)) == per_epoch  # no sample twice within an epoch (the remainder is dropped)
+        assert epochs[0] != epochs[1]  # reshuffled every epoch
+        positions = [p for b in batches for _, p in b]
+        assert positions == list(range(per_epoch * 3))
 
 
 def test_resume_at_any_batch_boundary_continues_the_same_sequence() -> None:
-    full = global_batches(50, 12, 1, end=12 * 9)
-    for k in (1, 4, 5, 8):
-        assert global_batches(50, 12, 2, start=12 * k, end=12 * 9) == full[k:]
+    for order in layouts():
+        full = global_batches(order, 12, 1, end=12 * 9)
+        for k in (1, 4, 5, 8):
+            assert global_batches(order, 12, 2, start=12 * k, end=12 * 9) == full[k:]
 
 
-def test_order_is_a_function_of_seed_and_epoch() -> None:
-    assert np.array_equal(epoch_permutation(100, 7, 2), epoch_permutation(100, 7, 2))
-    assert not np.array_equal(epoch_permutation(100, 7, 2), epoch_permutation(100, 8, 2))
-    assert not np.array_equal(epoch_permutation(100, 7, 2), epoch_permutation(100, 7, 3))
-    assert np.array_equal(epoch_permutation(10, 7, 2, shuffle=False), np.arange(10))
+def test_streams_read_their_spans_window_by_window_and_ranks_own_streams() -> None:
+    """A stream's k-th window holds consecutive samples of the epoch's shard order; with W dividing the streams,
+    rank r reads the streams s % W == r only: each shard on one rank."""
+    order = StreamOrder(SHARDS, 4, 5, seed=3)
+    shard_of = np.repeat(np.arange(len(SHARDS)), SHARDS)
+    positions = np.arange(order.samples)
+    ids = order.sample_ids(0, positions)
+    laid_out = np.concatenate([np.arange(SHARDS[:i].sum(), SHARDS[: i + 1].sum()) for i in order._epoch_layout(0)[0]])
+    rank = {}
+    for s in range(4):
+        stream = ids[positions % 4 == s]
+        span = laid_out[s * order.span : (s + 1) * order.span]
+        for w in range(0, order.span, 5):
+            assert sorted(stream[w : w + 5]) == sorted(span[w : w + 5])  # a window's samples, shuffled
+        for shard in set(shard_of[stream]):
+            rank.setdefault(int(shard), set()).add(s % 2)
+    assert sum(len(r) > 1 for r in rank.values()) <= 3  # only shards cut by a span boundary are shared
+
+
+def test_order_is_a_function_of_seed_epoch_and_stream_settings() -> None:
+    def ids(*args: int, epoch: int = 2) -> list[int]:
+        return StreamOrder(SHARDS, *args).sample_ids(epoch, np.arange(48)).tolist()
+
+    assert ids(4, 5, 7) == ids(4, 5, 7)
+    assert ids(4, 5, 7) != ids(4, 5, 8)
+    assert ids(4, 5, 7) != ids(4, 5, 7, epoch=3)
+    assert ids(4, 5, 7) != ids(2, 5, 7) != ids(4, 6, 7)
+    assert StreamOrder(SHARDS, 1, 0, 7, shuffle=False).sample_ids(0, np.arange(50)).tolist() == list(range(50))
+
+
+def test_permute_is_a_bijection_of_any_size() -> None:
+    for size in (1, 2, 3, 5, 17, 64, 100, 1000, 4097):
+        image = permute(np.arange(size), np.full(size, size), np.full(size, 12345))
+        assert sorted(image.tolist()) == list(range(size))
 
 
 def test_order_and_augmentation_seeds_are_pinned_across_library_versions() -> None:
     # Written down once: a checkpoint saved under one numpy/torch release must resume in the same order under another.
-    assert epoch_permutation(10, 0, 0).tolist() == [8, 4, 0, 2, 9, 5, 6, 1, 7, 3]
-    assert epoch_permutation(10, 0, 1).tolist() == [6, 9, 4, 5, 3, 8, 1, 7, 2, 0]
+    order = StreamOrder(np.array([10]), 1, 0, 0)
+    assert order.sample_ids(0, np.arange(10)).tolist() == PINNED_EPOCH_0
+    assert StreamOrder(SHARDS, 4, 5, 0).sample_ids(1, np.arange(12)).tolist() == PINNED_STREAMS
     assert sample_seed(3, 12345) == 2407876349502696976
-    assert sorted(epoch_permutation(1000, 5, 2).tolist()) == list(range(1000))
+
+
+def test_a_billion_samples_cost_nothing_per_sample() -> None:
+    """100,000 shards of 10,000 samples: the order holds O(shards) state and maps any batch of positions at once."""
+    order = StreamOrder(np.full(100_000, 10_000), 64, 50_000, seed=0)
+    ids = order.sample_ids(3, np.arange(4096) + 10**8)
+    assert len(set(ids.tolist())) == 4096 and ids.max() < 10**9
 
 
 def test_sampler_rejects_impossible_layouts() -> None:
@@ -135,10 +186,14 @@ def test_views_do_not_depend_on_workers_and_resume_exactly(shard_dir: Path) -> N
     assert not torch.equal(serial[0].global_views[0], serial[0].global_views[1])
 
 
-def test_rank_slices_reassemble_the_single_process_batch(shard_dir: Path) -> None:
+def test_rank_shares_reassemble_the_single_process_batch(shard_dir: Path) -> None:
+    """Rank r holds the positions p % W == r: interleaved, the ranks' views are the single process's, bit for bit."""
     catalog = ShardCatalog.from_spec(str(shard_dir))
     single = _batches(catalog, 0)
     ranks = [_batches(catalog, 0, world=2, rank=r) for r in range(2)]
     for b, whole in enumerate(single):
-        joined = torch.cat([ranks[0][b].global_views[1], ranks[1][b].global_views[1]])
+        joined = torch.empty_like(whole.global_views[1])
+        for r in range(2):
+            joined[r::2] = ranks[r][b].global_views[1]
+            assert torch.equal(ranks[r][b].position, whole.position[r::2])
         assert torch.equal(joined, whole.global_views[1])

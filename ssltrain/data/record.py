@@ -14,7 +14,7 @@ from torch import Tensor
 
 
 class SampleRecord:
-    """Appends ``{"step", "micro", "rank", "keys"}`` lines to ``RUN/samples/rank-NNNNN.jsonl``."""
+    """Appends ``{"step", "micro", "rank", "keys", "positions"}`` lines to ``RUN/samples/rank-NNNNN.jsonl``."""
 
     def __init__(self, run_dir: Path, rank: int, keys: list[str]) -> None:
         self.keys = keys
@@ -24,19 +24,23 @@ class SampleRecord:
         self.file = open(folder / f"rank-{rank:05d}.jsonl", "a", buffering=1)  # noqa: SIM115
         self.rank = rank
 
-    def write(self, step: int, micro: int, index: Tensor) -> None:
+    def write(self, step: int, micro: int, index: Tensor, position: Tensor) -> None:
         keys = [self.keys[i] for i in index.tolist()]
-        self.file.write(json.dumps({"step": step, "micro": micro, "rank": self.rank, "keys": keys}) + "\n")
+        record = {"step": step, "micro": micro, "rank": self.rank, "keys": keys, "positions": position.tolist()}
+        self.file.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         self.file.close()
 
 
 def read_global_batches(run_dir: Path) -> dict[tuple[int, int], list[str]]:
-    """``(step, micro) -> keys`` of the global batch: each rank's slice, concatenated in rank order."""
-    slices: dict[tuple[int, int], dict[int, list[str]]] = {}
+    """``(step, micro) -> keys`` of the global batch, in the order of the samples' global positions."""
+    shares: dict[tuple[int, int], dict[int, list[tuple[int, str]]]] = {}
     for path in sorted((run_dir / "samples").glob("rank-*.jsonl")):
         for line in path.read_text().splitlines():
             rec = json.loads(line)
-            slices.setdefault((rec["step"], rec["micro"]), {})[rec["rank"]] = rec["keys"]
-    return {at: [k for _, keys in sorted(by_rank.items()) for k in keys] for at, by_rank in sorted(slices.items())}
+            shares.setdefault((rec["step"], rec["micro"]), {})[rec["rank"]] = list(zip(rec["positions"], rec["keys"]))
+    return {
+        at: [key for _, key in sorted(pair for pairs in by_rank.values() for pair in pairs)]
+        for at, by_rank in sorted(shares.items())
+    }

@@ -1,11 +1,11 @@
 """The sample stream: which sample comes at which global position, and how positions map to ranks.
 
 Global position ``p`` (a count of samples since the run began) lies in epoch ``p // samples_per_epoch``; the epoch's
-order is a permutation drawn from (seed, epoch) over the catalog, the concatenation of all shards in path order.
-Global batch ``b`` is positions ``[b*G, (b+1)*G)``; rank ``r`` of ``W`` takes the ``r``-th contiguous slice of it.
-So the order depends on the seed, the epoch and the data only, never on the number of ranks or workers, and a run
-resumed at any global position (on any world size dividing the batch) sees exactly the samples it would have seen.
-The last incomplete global batch of an epoch is dropped.
+order is :class:`ssltrain.data.order.StreamOrder`'s: canonical streams over the shards, shuffled within windows,
+from (seed, epoch). Global batch ``b`` is positions ``[b*G, (b+1)*G)``; rank ``r`` of ``W`` takes its positions
+``p % W == r``. So the order depends on the seed, the epoch, the data and the stream settings only, never on the
+number of ranks or workers, and a run resumed at any global position (on any world size dividing the batch) sees
+exactly the samples it would have seen. The last incomplete global batch of an epoch is dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ssltrain.data.order import StreamOrder, mix_scalar
 from ssltrain.data.shards import IMAGE_EXTS, VIDEO_EXTS, DataError, ShardIndex, expand_shards, load_indices
 
 
@@ -118,6 +119,14 @@ class ShardCatalog:
             return RawSample(self.keys[i], path, None, label, "image bytes lie past the end of a truncated shard")
         return RawSample(self.keys[i], path, data, label)
 
+    def shard_counts(self) -> np.ndarray:
+        """Samples per shard, in path order (the catalog numbers samples shard after shard)."""
+        return np.bincount(self.shard, minlength=len(self.paths))
+
+    def stream_order(self, streams: int, window: int, seed: int, shuffle: bool = True) -> StreamOrder:
+        """The sample order over these shards (``data.streams``, ``data.shuffle_window``)."""
+        return StreamOrder(self.shard_counts(), streams, window, seed, shuffle)
+
     def labels(self) -> torch.Tensor:
         """All labels (for probes); an unlabeled catalog is an error, since probes need labels."""
         if not self.has_labels:
@@ -144,96 +153,56 @@ class ShardCatalog:
                     os.close(fd)
 
 
-_M64 = 0xFFFFFFFFFFFFFFFF
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic): a fixed, well-mixed hash."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def _mix_int(x: int) -> int:
-    """:func:`_mix64` on one Python integer: the same value, without numpy's per-call overhead."""
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-def _mix_scalar(*parts: int) -> int:
-    z = 0
-    for part in parts:
-        z = _mix_int((z * 0x9E3779B97F4A7C15 + part + 1) & _M64)
-    return z
-
-
-def epoch_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """The order of epoch ``epoch``: samples sorted by a hash of (seed, epoch, sample id).
-
-    Pure integer arithmetic, so the order is the same on every numpy/torch version and machine: a run saved
-    under one release resumes with the same data order under another.
-    """
-    if not shuffle:
-        return np.arange(num_samples)
-    key = np.uint64(_mix_scalar(seed, epoch))
-    with np.errstate(over="ignore"):
-        keys = _mix64(np.arange(num_samples, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + key)
-    return np.argsort(keys, kind="stable")
-
-
 def sample_seed(seed: int, position: int) -> int:
     """Seed for the augmentations of the sample at a global position."""
-    return _mix_scalar(seed, position) & 0x7FFFFFFFFFFFFFFF
+    return mix_scalar(seed, position) & 0x7FFFFFFFFFFFFFFF
 
 
 class GlobalBatchSampler:
-    """For one rank, yields its slice of every global batch from ``start`` to ``end`` (global positions).
+    """For one rank, yields its share of every global batch from ``start`` to ``end`` (global positions).
 
     Each item is a list of ``(sample_id, position)`` pairs: the id says what to read, the position seeds its
-    augmentations. Skipping to ``start`` costs nothing: no sample before it is read or decoded.
+    augmentations. Rank ``r`` of ``W`` takes the positions ``p`` with ``p % W == r``: when ``W`` divides the number
+    of streams these are exactly the streams ``s % W == r``, so each shard is read by one rank an epoch. Skipping to
+    ``start`` costs nothing: no sample before it is read or decoded. ``order`` may be a bare sample count: one stream
+    over one shard of that many samples (a global shuffle), for tools and tests.
     """
 
     def __init__(
         self,
-        num_samples: int,
+        order: StreamOrder | int,
         global_batch: int,
-        seed: int,
+        seed: int = 0,
         start: int = 0,
         end: int | None = None,
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
     ) -> None:
+        if isinstance(order, int):
+            order = StreamOrder(np.array([order]), 1, 0, seed, shuffle)
         if global_batch % world_size:
             raise DataError(f"global batch {global_batch} is not divisible by the world size {world_size}")
-        if num_samples < global_batch:
+        if order.samples < global_batch:
             raise DataError(
-                f"the data holds {num_samples} samples, fewer than one global batch of {global_batch}; lower "
+                f"an epoch holds {order.samples} samples, fewer than one global batch of {global_batch}; lower "
                 "data.batch_size"
             )
         if start % global_batch:
             raise DataError(f"start position {start} is not at a global batch boundary ({global_batch})")
-        self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
-        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.stream_order, self.global_batch = order, global_batch
+        self.rank, self.world_size = rank, world_size
         self.local_batch = global_batch // world_size
-        self.samples_per_epoch = (num_samples // global_batch) * global_batch
+        self.samples_per_epoch = (order.samples // global_batch) * global_batch
         self.start = start
         self.end = end if end is not None else start + self.samples_per_epoch
-        self._order: tuple[int, np.ndarray] | None = None
-
-    def order(self, epoch: int) -> np.ndarray:
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_permutation(self.num_samples, self.seed, epoch, self.shuffle))
-        return self._order[1]
 
     def __len__(self) -> int:
         return max(0, (self.end - self.start) // self.global_batch)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        mine = self.rank + self.world_size * np.arange(self.local_batch)
         for batch_start in range(self.start, self.start + len(self) * self.global_batch, self.global_batch):
             epoch, offset = divmod(batch_start, self.samples_per_epoch)
-            lo = offset + self.rank * self.local_batch
-            ids = self.order(epoch)[lo : lo + self.local_batch].tolist()
-            first = batch_start + self.rank * self.local_batch
-            yield [(sid, first + j) for j, sid in enumerate(ids)]
+            ids = self.stream_order.sample_ids(epoch, offset + mine).tolist()
+            yield [(sid, batch_start + int(j)) for j, sid in zip(mine, ids)]

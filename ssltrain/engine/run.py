@@ -33,6 +33,7 @@ from ssltrain.core.device import resolve_device
 from ssltrain.core.process_group import DistEnv, init_distributed
 from ssltrain.data.loaders import Views, build_train_loader
 from ssltrain.data.masks import MaskedBatches
+from ssltrain.data.order import StreamOrder
 from ssltrain.data.record import SampleRecord
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
 from ssltrain.engine.checkpoint import Checkpointer, load_training_state
@@ -69,6 +70,7 @@ class Run:
     time_s: float = 0.0  # wall-clock seconds the run trained before this process started (from the checkpoint)
     started: float = field(default_factory=time.perf_counter)  # when this process built the run
     sample_record: SampleRecord | None = field(default=None, repr=False)
+    _stream_order: StreamOrder | None = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -84,10 +86,18 @@ class Run:
         return self.cfg.data.batch_size
 
     @property
+    def stream_order(self) -> StreamOrder:
+        """The run's sample order (data.streams, data.shuffle_window, fixed for its life)."""
+        if self._stream_order is None:
+            d = self.cfg.data
+            self._stream_order = self.catalog.stream_order(d.streams, d.shuffle_window, self.cfg.seed, d.shuffle)
+        return self._stream_order
+
+    @property
     def samples_per_epoch(self) -> int:
         """Samples of one pass over the data: whole micro-batches of it (the sampler drops the remainder)."""
         micro_batch = self.global_batch // self.cfg.optim.accumulate
-        return (len(self.catalog) // micro_batch) * micro_batch
+        return (self.stream_order.samples // micro_batch) * micro_batch
 
     @property
     def peak_lr(self) -> float:
@@ -100,14 +110,12 @@ class Run:
     def batches(self, last_step: int) -> Iterator[Views]:
         """This rank's micro-batches from the current step's data position up to ``last_step``'s."""
         sampler = GlobalBatchSampler(
-            len(self.catalog),
+            self.stream_order,
             self.global_batch // self.cfg.optim.accumulate,
-            self.cfg.seed,
             start=self.step * self.global_batch,
             end=last_step * self.global_batch,
             rank=self.env.rank,
             world_size=self.env.world_size,
-            shuffle=self.cfg.data.shuffle,
         )
         batches: Iterable[Views] = build_train_loader(self.cfg, self.catalog, sampler, self.device)
         masks = self.model.masks
@@ -233,6 +241,13 @@ def build_run(cfg: Config) -> Run:
     catalog = ShardCatalog.from_spec(cfg.data.train, "data.train")
     cfg = _resolved(cfg, catalog)
     check_world_size(cfg, env.world_size)
+    if cfg.data.streams % env.world_size and env.rank == 0:
+        log.warning(
+            "data.streams=%d is not a multiple of the %d ranks: the order is unchanged, but each shard is read by "
+            "several ranks; set data.streams to a multiple of every world size the run will use",
+            cfg.data.streams,
+            env.world_size,
+        )
     if cfg.log.wandb:
         require_wandb()
     model = build_method(cfg, num_samples=len(catalog)).to(device)
@@ -303,6 +318,14 @@ def _check_resumable(run: Run, path: Path, meta: dict[str, Any]) -> None:
             f"checkpoint '{path}' was made with global batch {meta['data_position'] // max(run.step, 1)}, "
             f"this config has {run.global_batch}: resuming would change the data order; keep data.batch_size"
         )
+    before = from_yaml_text(meta["config"], str(path)).data
+    for key in ("streams", "shuffle_window"):
+        if getattr(before, key) != getattr(run.cfg.data, key):
+            raise CheckpointError(
+                f"checkpoint '{path}' was made with data.{key}={getattr(before, key)}, this config has "
+                f"{getattr(run.cfg.data, key)}: resuming would change the data order; keep data.{key} (it is fixed "
+                "for the life of a run)"
+            )
     if meta["data_samples"] != len(run.catalog):
         log.warning(
             "the data changed since %s (%d -> %d samples): the sample order from here on differs from "

@@ -103,7 +103,8 @@ def update(run: Run, loss: Tensor) -> Tensor | None:
 def _account(run: Run, views: Views, micro: int) -> None:
     """Record the batch's sample keys (``data.record_samples``) and count the samples it had to skip."""
     if run.sample_record is not None:
-        run.sample_record.write(run.step, micro, views.index)
+        assert views.position is not None  # every loader gives the samples' positions
+        run.sample_record.write(run.step, micro, views.index, views.position)
     for problem in views.skipped:
         if run.data_skipped < 10:
             log.warning("skipped sample %s", problem)

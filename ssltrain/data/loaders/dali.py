@@ -472,7 +472,7 @@ class DaliLoader:
             labels.append(item.label)
             positions.append(item.position)
         if not rows:
-            return Views([], [], torch.empty(0, dtype=torch.long), None, skipped)
+            return Views([], [], torch.empty(0, dtype=torch.long), None, skipped, torch.empty(0, dtype=torch.long))
         if rendered is not None and all(isinstance(r, int) for r in rows):
             views = rendered
         else:

@@ -114,7 +114,7 @@ def collate_views(items: list[Sample | Skipped]) -> Views:
     good = [x for x in items if isinstance(x, Sample)]
     skipped = [f"{x.where}: {x.reason}" for x in items if isinstance(x, Skipped)]
     if not good:
-        return Views([], [], torch.empty(0, dtype=torch.long), None, skipped)
+        return Views([], [], torch.empty(0, dtype=torch.long), None, skipped, torch.empty(0, dtype=torch.long))
     n_global, n_local = len(good[0].global_views), len(good[0].local_views)
     labels = [x.label for x in good]
     return Views(
