@@ -169,6 +169,25 @@ def test_fsdp_equals_one_process(tmp_path: Path, data: str, single: dict, method
     assert_close(params(cfg.run_dir), single[method])
 
 
+def test_fsdp_runs_a_masked_method_as_one_process(tmp_path: Path, data: str) -> None:
+    """MAE under FSDP2: the encoder sees only the kept patches (ViT.tokens inside the method's forward, the backbone's
+    own parameters unsharded with the root), the masks drawn per position on each rank."""
+    mae = {
+        "method.name": "mae",
+        "augment.global_crops.count": 1,
+        "method.mae.decoder_dim": 32,
+        "method.mae.decoder_depth": 1,
+        "method.mae.decoder_heads": 2,
+        "model.patch_size": 4,
+    }
+    single = params(train(tiny_config(tmp_path / "single", data, **{**VIT, **mae})))
+    config, cfg = write_config(
+        tmp_path, "mae", data, **mae, **{"dist.strategy": "fsdp", "dist.fsdp_bf16_params": False}
+    )
+    torchrun(config, 2)
+    assert_close(params(cfg.run_dir), single)
+
+
 @pytest.mark.parametrize("optimizer,lr", [("adamw", 0.01), ("lars", 0.5), ("lamb", 0.01)])
 def test_deferred_finite_check_equals_host_check_under_fsdp(
     tmp_path: Path, data: str, optimizer: str, lr: float

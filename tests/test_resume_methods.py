@@ -29,6 +29,19 @@ METHODS: dict[str, dict[str, object]] = {
         "method.mae.decoder_depth": 1,
         "method.mae.decoder_heads": 2,
     },
+    "ijepa": {
+        "augment.global_crops.count": 1,
+        "method.ijepa.predictor_depth": 1,
+        "method.ijepa.predictor_width": 48,
+        "method.ijepa.num_targets": 2,
+        "method.ijepa.min_keep": 0,
+    },
+    "dinov2": {
+        "method.dinov2.out_dim": 32,
+        "method.dinov2.hidden_dim": 32,
+        "method.dinov2.bottleneck_dim": 16,
+        "model.registers": 1,
+    },
 }
 
 
