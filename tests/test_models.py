@@ -190,3 +190,14 @@ def test_prototypes_normalize() -> None:
     z = F.normalize(torch.randn(4, 8), dim=1)
     scores = protos(z)
     assert scores.shape == (4, 30) and scores.abs().max() <= 1 + 1e-5
+
+
+def test_ema_teachers_have_no_stochastic_depth() -> None:
+    """The official DINO/iBOT/DINOv2 build the teacher without drop path; the student keeps its own."""
+    from ssltrain.models.ema import frozen_copy
+
+    net, _ = build_backbone("vit_tiny", patch_size=4, image_size=16, drop_path=0.5)
+    teacher = frozen_copy(net).train()
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(teacher(x), teacher(x))  # in train mode, yet deterministic
+    assert max(b.drop_path1.drop_prob for b in net.blocks) == 0.5

@@ -7,6 +7,7 @@ import copy
 import math
 
 import torch
+from timm.layers import DropPath
 from torch import Tensor, nn
 
 
@@ -45,8 +46,15 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, gate: Te
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
-    """A teacher: a deep copy that the optimizer never sees (``requires_grad`` off), updated by EMA only."""
+    """A teacher: a deep copy that the optimizer never sees (``requires_grad`` off), updated by EMA only.
+
+    Without stochastic depth: the official DINO, iBOT and DINOv2 build their teachers with no drop path (only the
+    student drops residual branches), and a teacher's targets should not be noised by it.
+    """
     teacher = copy.deepcopy(module)
     for p in teacher.parameters():
         p.requires_grad_(False)
+    for m in teacher.modules():
+        if isinstance(m, DropPath):
+            m.drop_prob = 0.0
     return teacher
