@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from ssltrain.core.files import write_atomic
 from ssltrain.data.shard_cache import ShardRef
 from ssltrain.data.shards import INDEX_VERSION, DataError, _expand_braces, index_path_for, read_index
 from ssltrain.data.store import ShardUnavailable, StoreOptions, is_remote, join, local_path, read_shard
@@ -116,13 +117,7 @@ def write_manifest(directory: Path, rehash: Iterable[Path] | None = None) -> Pat
     target = directory / MANIFEST_NAME
     with _locked(directory):
         manifest = build_manifest(directory, rehash)
-        tmp = directory / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(manifest.to_json(), f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        write_atomic(target, (json.dumps(manifest.to_json(), indent=1) + "\n").encode())
     return target
 
 

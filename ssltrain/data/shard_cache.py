@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ssltrain.core.files import fsync_dir
 from ssltrain.data.store import ShardUnavailable, StoreOptions, is_remote, iter_chunks, open_shard, shard_size
 
 _STRIPES = 256
@@ -197,7 +198,7 @@ class ShardCache:
             try:
                 self._download(ref, size, part)
                 os.replace(part, final)
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
             except BaseException:
                 part.unlink(missing_ok=True)
                 raise
@@ -290,14 +291,6 @@ def _touch(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         now = time.time()
         os.utime(path, (now, now))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def cache_from_config(store_cfg: Any, options: StoreOptions | None = None) -> ShardCache | None:

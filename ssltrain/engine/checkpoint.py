@@ -71,28 +71,11 @@ from ssltrain.core.collectives import (
     rank,
     world_size,
 )
+from ssltrain.core.files import write_atomic
 
 log = logging.getLogger("ssltrain")
 # DCP says so on every single-process save and load; a single process is a supported, intended use here.
 warnings.filterwarnings("ignore", message=SINGLE_PROCESS_DCP_WARNING)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 # --- RNG states ---------------------------------------------------------------------------------------------------
@@ -348,8 +331,8 @@ class Checkpointer:
             try:
                 files.update(file_checksums(path, [n for n in checkpoint_files(path) if n not in files]))
                 meta = dict(pending.meta, **{FILES: dict(sorted(files.items()))})
-                _write_atomic(path / META_FILE, json.dumps(meta, indent=1).encode())
-                _write_atomic(path / MARKER, b"")
+                write_atomic(path / META_FILE, json.dumps(meta, indent=1).encode())
+                write_atomic(path / MARKER, b"")
                 self._prune()
             except OSError as err:
                 error = err
