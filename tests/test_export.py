@@ -98,3 +98,27 @@ def test_export_of_a_run_without_checkpoints_is_a_clear_error(tmp_path: Path, ca
     (tmp_path / "runs/empty/checkpoints").mkdir(parents=True)
     assert main(["export", str(tmp_path / "runs/empty")]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_ijepa_exports_the_target_encoder_and_registers_load_into_timm(shard_dir: Path, tmp_path: Path) -> None:
+    """I-JEPA's features (probes, export) are its EMA target encoder's; register tokens survive the export."""
+    overrides = {
+        "method.name": "ijepa",
+        "model.backbone": "vit_tiny",
+        "model.patch_size": 4,
+        "model.registers": 2,
+        "augment.global_crops.count": 1,
+        "method.ijepa.predictor_depth": 1,
+        "method.ijepa.predictor_width": 48,
+        "method.ijepa.num_targets": 2,
+        "method.ijepa.min_keep": 0,
+        "method.ijepa.momentum": 0.5,  # the teacher moves, yet differs from the student
+    }
+    run = train(tiny_config(tmp_path, str(shard_dir), steps=2, **overrides))
+    assert main(["export", str(run), "--out", str(tmp_path / "out"), "--format", "safetensors"]) == 0
+    exported = load_file(tmp_path / "out/backbone.safetensors")
+    state = load_checkpoint(run)["model"]
+    teacher = {k.removeprefix("teacher_backbone."): v for k, v in state.items() if k.startswith("teacher_backbone.")}
+    assert exported.keys() == teacher.keys() and all(torch.equal(exported[k], teacher[k]) for k in teacher)
+    assert not torch.equal(exported["pos_embed"], state["backbone.pos_embed"])
+    run_load_snippet(tmp_path / "out")  # builds timm's ViT with reg_tokens=2 and loads the tensors strictly

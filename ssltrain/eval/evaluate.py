@@ -328,7 +328,7 @@ def evaluate_target(target: EvalTarget, opts: EvalOptions | None = None, log_met
         backbones.append(("random", random_init, "random", f"random-init backbone (seed {cfg.seed})"))
     for name, model, tag, label in backbones:
         model.to(device)
-        fingerprint = model_fingerprint(model.backbone)
+        fingerprint = model_fingerprint(getattr(model, model.feature_module))
         kw.update(tag=tag, fingerprint=fingerprint, label=label)
         train_fs = extract_features(model, train_set, transform, split="train", **kw)
         val_fs = extract_features(model, val_set, transform, split="val", **kw)

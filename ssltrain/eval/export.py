@@ -41,10 +41,12 @@ def model_card(cfg: Config, step: int, feature_dim: int) -> dict[str, Any]:
             "vit_base": "vit_base_patch16_224",
         }[name]
         size = cfg.augment.global_crops.size
+        # with registers, ssltrain's layout is timm's vit_*_reg models': no position embedding for the prefix tokens
+        registers = f", reg_tokens={cfg.model.registers}, no_embed_class=True" if cfg.model.registers else ""
         code = [
             "import safetensors.torch, timm, torch",
             f"model = timm.create_model('{timm_name}', pretrained=False, num_classes=0, "
-            f"img_size={size}, patch_size={cfg.model.patch_size}, dynamic_img_size=True)",
+            f"img_size={size}, patch_size={cfg.model.patch_size}, dynamic_img_size=True{registers})",
         ]
         library = "timm"
     code.append(
@@ -63,15 +65,15 @@ def model_card(cfg: Config, step: int, feature_dim: int) -> dict[str, Any]:
     }
 
 
-def backbone_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The student backbone's tensors with the ``backbone.`` prefix removed (teachers and heads are dropped)."""
+def backbone_state_dict(model_state: dict[str, torch.Tensor], module: str = "backbone") -> dict[str, torch.Tensor]:
+    """The tensors of ``module`` (the method's ``feature_module``: the student backbone, or I-JEPA's target encoder)
+    with its prefix removed; everything else (other encoders, heads) is dropped."""
+    prefix = f"{module}."
     out = {
-        k.removeprefix("backbone."): v.detach().contiguous().clone()
-        for k, v in model_state.items()
-        if k.startswith("backbone.")
+        k.removeprefix(prefix): v.detach().contiguous().clone() for k, v in model_state.items() if k.startswith(prefix)
     }
     if not out:
-        raise ValueError("the checkpoint's model has no 'backbone.' parameters; is it an ssltrain checkpoint?")
+        raise ValueError(f"the checkpoint's model has no '{prefix}' parameters; is it an ssltrain checkpoint?")
     return out
 
 
@@ -81,12 +83,17 @@ def export_backbone(source: Path, out_dir: Path, formats: tuple[str, ...] = FORM
 
     state = load_checkpoint(source)
     cfg = from_yaml_text(state["config"], state["path"])
-    weights = backbone_state_dict(state["model"])
+    from ssltrain.methods import METHODS
     from ssltrain.models.backbones import build_backbone
 
+    weights = backbone_state_dict(state["model"], METHODS[cfg.method.name].feature_module)
     m = cfg.model
     reference, feature_dim = build_backbone(
-        m.backbone, small_stem=m.small_stem, patch_size=m.patch_size, image_size=cfg.augment.global_crops.size
+        m.backbone,
+        small_stem=m.small_stem,
+        patch_size=m.patch_size,
+        image_size=cfg.augment.global_crops.size,
+        registers=m.registers,
     )
     reference.load_state_dict(weights)  # strict: every tensor the architecture needs, nothing else
     out_dir.mkdir(parents=True, exist_ok=True)

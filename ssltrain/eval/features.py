@@ -284,7 +284,7 @@ def extract_features(
     who = f"{label}: " if label else ""
     path = None
     if cache_dir is not None:
-        fingerprint = fingerprint or model_fingerprint(getattr(model, "backbone", model))
+        fingerprint = fingerprint or model_fingerprint(getattr(model, getattr(model, "feature_module", ""), model))
         path = Path(cache_dir) / f"{tag}-{split}-{feature_cache_key(catalog, transform, fingerprint, limit)}.pt"
     hit = _cached(path, f"{who}features of '{catalog.spec}' ({split}")
     if hit is not None:

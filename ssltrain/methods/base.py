@@ -47,6 +47,9 @@ class Method(nn.Module):
     """
 
     masks: MaskGenerator | None = None  # what a masked method draws per sample into ``Views.masks`` (data/masks)
+    # The submodule ``features`` reads and ``ssltrain export`` writes: the student backbone, or (I-JEPA) the EMA
+    # target encoder the paper evaluates. Feature caches are keyed by its weights.
+    feature_module: str = "backbone"
 
     def __init__(self, backbone: nn.Module, feature_dim: int, loss_impl: str = "auto") -> None:
         super().__init__()

@@ -12,8 +12,10 @@ whole image. No augmentation beyond the crop, no negatives, no projector.
   taken at the target blocks. Momentum linear from ``momentum`` to ``momentum_end`` over the run (the official
   ``momentum_scheduler``), a function of the step.
 * Predictor: the official ``VisionTransformerPredictor`` on timm Blocks, loss smooth L1 (losses/ijepa.py).
-* Only global view 0 is used (the paper: one 224 px crop, no colour augmentation). Probes read the mean of the
-  backbone's patch tokens (the paper's linear-probe protocol averages patch tokens).
+* Only global view 0 is used (the paper: one 224 px crop, no colour augmentation). Probes (``features``) read the
+  mean of the EMA target encoder's patch tokens, as the paper evaluates the target encoder and its linear-probe
+  protocol averages patch tokens; the online outputs ("embeddings", "features") are the context encoder's, pooled
+  over the context patches (what the loss sees).
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ class IJEPAPredictor(nn.Module):
 
 
 class IJEPA(Method):
+    feature_module = "teacher_backbone"  # what the paper evaluates; see features()
     backbone: ViT
     teacher_backbone: ViT
 
@@ -164,8 +167,11 @@ class IJEPA(Method):
         return tokens[:, self.backbone.num_prefix_tokens :]
 
     def features(self, images: Tensor) -> Tensor:
-        """The mean of the backbone's final-normed patch tokens (the paper's probes average patch tokens)."""
-        return self._patches(self.backbone.tokens(images)).mean(dim=1)
+        """The mean of the EMA target encoder's final-normed patch tokens: the paper evaluates the target encoder
+        (average-pooled), not the context encoder, which only ever sees a context block in training. At init the
+        two are equal (the random-init baseline is unchanged). ``feature_module`` says so to the feature cache and
+        to ``ssltrain export``."""
+        return self._patches(self.teacher_backbone.tokens(images)).mean(dim=1)
 
     def forward(self, views: Views) -> dict[str, Tensor]:
         if "context" not in views.masks or "targets" not in views.masks:
