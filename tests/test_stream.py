@@ -197,3 +197,8 @@ def test_rank_shares_reassemble_the_single_process_batch(shard_dir: Path) -> Non
             joined[r::2] = ranks[r][b].global_views[1]
             assert torch.equal(ranks[r][b].position, whole.position[r::2])
         assert torch.equal(joined, whole.global_views[1])
+
+
+def test_fewer_samples_than_streams_make_a_stream_a_sample() -> None:
+    order = StreamOrder(np.array([3, 1]), 8, 0, seed=1)
+    assert order.streams == 4 and sorted(order.sample_ids(0, np.arange(4)).tolist()) == [0, 1, 2, 3]

@@ -84,8 +84,8 @@ class StreamOrder:
     """Which sample (an id of the catalog) comes at each position of an epoch; see the module docstring.
 
     ``shard_counts[i]`` is shard ``i``'s sample count; sample ids run over the shards in path order, as the catalog
-    numbers them. ``window`` 0 means one window per stream (the stream's whole span). ``shuffle`` False keeps the
-    shards in path order and every window unshuffled.
+    numbers them. Fewer samples than ``streams`` make one stream a sample. ``window`` 0 means one window per stream
+    (the stream's whole span). ``shuffle`` False keeps the shards in path order and every window unshuffled.
     """
 
     def __init__(self, shard_counts: np.ndarray, streams: int, window: int, seed: int, shuffle: bool = True) -> None:
@@ -95,11 +95,9 @@ class StreamOrder:
             raise DataError(f"data.streams must be >= 1, got {streams}")
         if window < 0:
             raise DataError(f"data.shuffle_window must be >= 0 (0: a stream's whole span), got {window}")
-        if total < streams:
-            raise DataError(
-                f"the data holds {total} samples, fewer than data.streams={streams}; lower data.streams (it is fixed "
-                "for the life of a run, so set it when the run starts)"
-            )
+        if total < 1:
+            raise DataError("the data holds no samples")
+        streams = min(streams, total)  # a data set smaller than the stream count: a stream a sample
         self.counts, self.streams, self.seed, self.shuffle = counts, streams, seed, shuffle
         self.first_id = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         self.span = total // streams  # samples per stream per epoch
