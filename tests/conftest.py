@@ -97,6 +97,40 @@ def start_training(cfg: Config, config_file: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread beats two on a busy 2-core machine (10x on the CPU renderer here)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def poisoned_buffers(monkeypatch):
+    """Kernel outputs start as NaN: anything a kernel fails to write shows up in the comparisons."""
+    import ssltrain.kernels as K
+
+    if K.triton_available():
+        from ssltrain.kernels import _runtime
+
+        def nan_empty(shape, dtype, device):
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+        monkeypatch.setattr(_runtime, "empty", nan_empty)
+    yield
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh random seed for torch, returned so a failure can say which."""
+    import random
+
+    s = random.randrange(2**31)
+    torch.manual_seed(s)
+    return s
+
+
 START_CLUSTER = Path(__file__).parent / "slurm" / "start_cluster.sh"
 
 

@@ -12,13 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 from ssltrain.config import AugmentConfig, CropConfig
 from ssltrain.data.augment import CPURenderer, SampleRandom, gaussian_blur, resized_crop_box
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:

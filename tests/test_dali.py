@@ -33,13 +33,7 @@ CPU = torch.device("cpu")
 STD255 = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255  # normalised units -> uint8 levels
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors: one intra-op thread beats two on a busy 2-core machine (10x on the CPU renderer here)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def smooth_image(i: int, height: int, width: int) -> np.ndarray:

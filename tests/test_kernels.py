@@ -14,7 +14,6 @@ Tests marked ``gpu`` run the compiled kernels at real sizes; they are skipped wi
 from __future__ import annotations
 
 import functools
-import random
 import subprocess
 import sys
 
@@ -31,26 +30,7 @@ needs_triton = pytest.mark.skipif(not K.triton_available(), reason="triton is no
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 
-@pytest.fixture(autouse=True)
-def poisoned_buffers(monkeypatch):
-    """Kernel outputs start as NaN: anything a kernel fails to write shows up in the comparisons."""
-    if not K.triton_available():
-        yield
-        return
-    from ssltrain.kernels import _runtime
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(_runtime, "empty", nan_empty)
-    yield
-
-
-@pytest.fixture
-def seed() -> int:
-    s = random.randrange(2**31)
-    torch.manual_seed(s)
-    return s
+pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 
 
 def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:

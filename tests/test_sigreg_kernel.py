@@ -12,7 +12,6 @@ start as NaN, so an element the kernel fails to write fails the comparison.
 from __future__ import annotations
 
 import copy
-import random
 
 import pytest
 import torch
@@ -32,23 +31,7 @@ needs_triton = pytest.mark.skipif(not K.triton_available(), reason="triton is no
 TOL = 2e-5  # fp32 kernel against the float64 reference, relative to the largest reference entry
 
 
-@pytest.fixture(autouse=True)
-def poisoned_buffers(monkeypatch):
-    """Kernel outputs start as NaN: anything the kernel fails to write shows up in the comparisons."""
-    if K.triton_available():
-        from ssltrain.kernels import _runtime
-
-        monkeypatch.setattr(
-            _runtime, "empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
-        )
-    yield
-
-
-@pytest.fixture
-def seed() -> int:
-    s = random.randrange(2**31)
-    torch.manual_seed(s)
-    return s
+pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 
 
 @pytest.fixture
