@@ -1,4 +1,4 @@
-"""``ssltrain`` command line: ``shards``, ``train``, ``eval``, ``report``, ``export``, ``launch``, ``bench``.
+"""``ssltrain`` command line: ``shards``, ``train``, ``eval``, ``report``, ``export``, ``launch``, ``sweep``, ``bench``.
 
 Only the command being run is built and imported (``COMMANDS``): torch takes seconds to import, and ``ssltrain
 --help`` or a mistyped command should answer at once.
@@ -233,6 +233,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ssltrain.cli:add_export_parser",
     ),
     "launch": ("run training on Slurm (submitit, requeue) or under torchrun", "ssltrain.launch.cli:register"),
+    "sweep": (
+        "many runs as one experiment (grid, random, Optuna; local or a Slurm array) and its report",
+        "ssltrain.launch.sweep.cli:add_sweep_parser",
+    ),
     "bench": ("profile a config's training step: where the time goes", "ssltrain.engine.benchmark:add_bench_parser"),
 }
 

@@ -12,6 +12,8 @@ features and of the projector's embeddings -> ``eval.json``, ``spectrum.json``, 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -28,10 +30,19 @@ from ssltrain.config import Config, from_yaml_text
 from ssltrain.core.checkpoint_layout import CheckpointError, latest_checkpoint
 from ssltrain.core.checkpoints import load_checkpoint
 from ssltrain.core.collectives import rank as this_rank
+from ssltrain.core.collectives import world_size as dist_world
 from ssltrain.core.device import resolve_device
 from ssltrain.data.shards import DataError
 from ssltrain.data.stream import ShardCatalog
-from ssltrain.eval.features import FeatureSet, eval_transform, extract_features, model_fingerprint
+from ssltrain.eval.baseline import baseline_key, baseline_lock, load_baseline, save_baseline
+from ssltrain.eval.features import (
+    FeatureSet,
+    data_signature,
+    eval_transform,
+    extract_features,
+    model_fingerprint,
+    transform_signature,
+)
 from ssltrain.eval.knn import knn_sweep, num_classes_of
 from ssltrain.eval.linear import linear_probe_sweep
 from ssltrain.eval.metrics_log import MetricsLog
@@ -66,6 +77,7 @@ class EvalOptions:
     random_baseline: bool = True  # also probe the random-init backbone
     spectrum_rows: int = 2048  # val rows used for the spectra and monitors (SVD cost ~ rows * D * min(rows, D))
     out_dir: Path | None = None  # where results go when the target is a checkpoint outside a run directory
+    baseline_dir: Path | None = None  # random-init results shared by runs of the same backbone (a sweep's baselines/)
 
 
 @dataclass
@@ -327,26 +339,56 @@ def evaluate_target(target: EvalTarget, opts: EvalOptions | None = None, log_met
     if random_init is not None:
         backbones.append(("random", random_init, "random", f"random-init backbone (seed {cfg.seed})"))
     for name, model, tag, label in backbones:
-        model.to(device)
         fingerprint = model_fingerprint(getattr(model, model.feature_module))
-        kw.update(tag=tag, fingerprint=fingerprint, label=label)
-        train_fs = extract_features(model, train_set, transform, split="train", **kw)
-        val_fs = extract_features(model, val_set, transform, split="val", **kw)
-        if rank == 0 and opts.probes:
-            log.info("%s: probing (%s)", label, ", ".join(opts.probes))
-        if rank == 0:
-            res = run_probes(train_fs, val_fs, opts.probes, cfg, opts, device) if opts.probes else {}
-            res.update(
-                extract_seconds=train_fs.seconds + val_fs.seconds, features_cached=train_fs.cached and val_fs.cached
-            )
-            results[name] = res
-            monitors[name], spectra[name] = representation_stats(model, val_fs, opts.spectrum_rows, device)
-        model.cpu()
+        shared = name == "random" and opts.baseline_dir is not None and dist_world() == 1
+        key = _baseline_key(fingerprint, train_set, val_set, transform, cfg, opts) if shared else ""
+        with baseline_lock(opts.baseline_dir, key) if shared else contextlib.nullcontext():  # type: ignore[arg-type]
+            hit = load_baseline(opts.baseline_dir, key) if shared else None  # type: ignore[arg-type]
+            if hit is not None:
+                log.info("%s: probes read from %s (same backbone, data and probe settings)", label, opts.baseline_dir)
+                results[name], monitors[name], spectra[name] = hit["results"], hit["monitors"], hit["spectra"]
+                continue
+            model.to(device)
+            kw.update(tag=tag, fingerprint=fingerprint, label=label)
+            train_fs = extract_features(model, train_set, transform, split="train", **kw)
+            val_fs = extract_features(model, val_set, transform, split="val", **kw)
+            if rank == 0 and opts.probes:
+                log.info("%s: probing (%s)", label, ", ".join(opts.probes))
+            if rank == 0:
+                res = run_probes(train_fs, val_fs, opts.probes, cfg, opts, device) if opts.probes else {}
+                res.update(
+                    extract_seconds=train_fs.seconds + val_fs.seconds,
+                    features_cached=train_fs.cached and val_fs.cached,
+                )
+                results[name] = res
+                monitors[name], spectra[name] = representation_stats(model, val_fs, opts.spectrum_rows, device)
+                if shared:
+                    save_baseline(opts.baseline_dir, key, res, monitors[name], spectra[name])  # type: ignore[arg-type]
+            model.cpu()
     if rank != 0:
         return {}
 
     _write_results(target, train_set.spec, val_set.spec, opts, results, monitors, spectra, log_metrics)
     return results
+
+
+def _baseline_key(
+    fingerprint: str, train_set: ShardCatalog, val_set: ShardCatalog, transform: Any, cfg: Config, opts: EvalOptions
+) -> str:
+    """What a random-init backbone's probe results depend on (see ssltrain.eval.baseline)."""
+    settings = {
+        "eval": dataclasses.asdict(cfg.eval),
+        "seed": cfg.seed,
+        "probes": list(opts.probes),
+        "knn_ks": opts.knn_ks,
+        "knn_temperature": opts.knn_temperature,
+        "linear_lrs": opts.linear_lrs,
+        "linear_weight_decays": opts.linear_weight_decays,
+        "linear_epochs": opts.linear_epochs,
+        "spectrum_rows": opts.spectrum_rows,
+    }
+    data = {"train": data_signature(train_set), "val": data_signature(val_set)}
+    return baseline_key(fingerprint, data, transform_signature(transform), settings)
 
 
 def _write_results(
