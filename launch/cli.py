@@ -78,20 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _spec(args: argparse.Namespace) -> slurm.SlurmSpec:
     try:
-        return slurm.SlurmSpec(
-            nodes=args.nodes,
-            gpus_per_node=args.gpus_per_node,
-            tasks_per_node=args.tasks_per_node,
-            cpus_per_task=args.cpus_per_task,
-            mem_gb=args.mem_gb,
-            partition=args.partition,
-            time_min=slurm.parse_time(args.time),
-            account=args.account,
-            qos=args.qos,
-            constraint=args.constraint,
-            signal_delay_s=args.signal_delay_s,
-            max_requeues=args.max_requeues,
-        )
+        return slurm.spec_from_flags(args, args.nodes, args.tasks_per_node)
     except ValueError as err:  # a --time sbatch would not take, or one the signal delay does not fit in
         _fail(args, str(err))
 

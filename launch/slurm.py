@@ -85,6 +85,25 @@ class SlurmSpec:
         return max(self.gpus_per_node, 1)
 
 
+def spec_from_flags(args: Any, nodes: int, tasks_per_node: int | None) -> SlurmSpec:
+    """A :class:`SlurmSpec` from the Slurm flags ``launch slurm`` and ``sweep --slurm`` share; ValueError names a
+    ``--time`` sbatch would not take, or one the signal delay does not fit in."""
+    return SlurmSpec(
+        nodes=nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=tasks_per_node,
+        cpus_per_task=args.cpus_per_task,
+        mem_gb=args.mem_gb,
+        partition=args.partition,
+        time_min=parse_time(args.time),
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        signal_delay_s=args.signal_delay_s,
+        max_requeues=args.max_requeues,
+    )
+
+
 def parse_time(value: str | int) -> int:
     """Minutes (rounded up) from any sbatch ``--time`` form: ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``,
     ``D-H:M:S``; submitit needs a number of minutes, and people paste what they use in sbatch scripts."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ssltrain.core.files import write_atomic
+from ssltrain.eval.report import plots_section
 from ssltrain.launch.sweep.layout import SweepDir
 from ssltrain.launch.sweep.results import METRICS, PointRow, check_metric, collect, higher_is_better, metric, rank
 from ssltrain.launch.sweep.space import Axis, SweepSpec, short_names
@@ -560,20 +561,6 @@ def _failed_section(sweep: SweepDir, rows: Sequence[PointRow]) -> list[str]:
     return [*md, ""]
 
 
-def _plots_section(plots: Sequence[Plot]) -> list[str]:
-    md = ["## Plots", ""]
-    for p in plots:
-        md += [f"### {p.title}", ""]
-        if p.path is None:
-            md.append(f"_Skipped: {p.note}._")
-        else:
-            md.append(f"![{p.title}]({PLOT_DIR}/{p.path.name})")
-            if p.note:
-                md += ["", p.note]
-        md.append("")
-    return md
-
-
 def write_report(sweep: SweepDir, probe: str | None = None) -> Path:
     """Write ``runs/<sweep>/report.md`` and its PNGs in ``runs/<sweep>/report/``; returns the report's path."""
     spec = sweep.spec()
@@ -596,7 +583,7 @@ def write_report(sweep: SweepDir, probe: str | None = None) -> Path:
         *_markdown_table(table_rows(sweep, probe, rows)),
         "",
     ]
-    md += _failed_section(sweep, rows) + _plots_section(plots) + _spec_section(spec, len(rows))
+    md += _failed_section(sweep, rows) + plots_section(plots, PLOT_DIR) + _spec_section(spec, len(rows))
     md += _baseline_section(sweep, rows)
     path = sweep.root / "report.md"
     write_atomic(path, "\n".join(md).encode())

@@ -42,20 +42,7 @@ def slurm_spec_from_args(args: argparse.Namespace) -> slurm.SlurmSpec:
     if args.array_parallelism < 1:
         raise ConfigError(f"--array-parallelism must be at least 1, got {args.array_parallelism}")
     try:
-        return slurm.SlurmSpec(
-            nodes=1,
-            gpus_per_node=args.gpus_per_node,
-            tasks_per_node=1,
-            cpus_per_task=args.cpus_per_task,
-            mem_gb=args.mem_gb,
-            partition=args.partition,
-            time_min=slurm.parse_time(args.time),
-            account=args.account,
-            qos=args.qos,
-            constraint=args.constraint,
-            signal_delay_s=args.signal_delay_s,
-            max_requeues=args.max_requeues,
-        )
+        return slurm.spec_from_flags(args, nodes=1, tasks_per_node=1)
     except ValueError as err:  # a --time sbatch would not take, or one the signal delay does not fit in
         raise ConfigError(str(err)) from None
 

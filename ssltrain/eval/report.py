@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -272,18 +273,20 @@ def _probes(ev: dict[str, Any] | None, latest: Path | None, run_dir: Path) -> li
     return [*md, *probe_table(ev), ""]
 
 
-def _plots(plots: list[Plot], spectrum_note: str) -> list[str]:
+def plots_section(plots: Sequence[Plot], folder: str = "plots", notes: dict[str, str] | None = None) -> list[str]:
+    """The report's "Plots" section: each plot under its title (linked from ``folder``), or why it was skipped;
+    ``notes`` adds an italic line under the plot of that name."""
     md = ["## Plots", ""]
     for p in plots:
         md += [f"### {p.title}", ""]
         if p.path is None:
             md.append(f"_Skipped: {p.note}._")
         else:
-            md.append(f"![{p.title}](plots/{p.path.name})")
+            md.append(f"![{p.title}]({folder}/{p.path.name})")
             if p.note:
                 md += ["", p.note]
-        if p.name == "spectrum" and spectrum_note:
-            md += ["", f"_{spectrum_note}_"]
+        if notes and notes.get(p.name):
+            md += ["", f"_{notes[p.name]}_"]
         md.append("")
     return md
 
@@ -317,7 +320,7 @@ def write_report(run_dir: Path, compute_spectrum_if_missing: bool = True, spectr
     md = [f"# Run report: {cfg.name}", "", f"Generated {now} by `ssltrain report {run_dir}`.", ""]
     hardware = _read_json(run_dir / HARDWARE_FILE)
     md += _warnings(records, ev, cfg) + _summary(cfg, train, latest, hardware) + _probes(ev, latest, run_dir)
-    md += _plots(plots, spectrum_note) + _hardware(hardware)
+    md += plots_section(plots, notes={"spectrum": spectrum_note}) + _hardware(hardware)
     md += ["## Resolved config", "", "```yaml", (run_dir / "config.yaml").read_text().rstrip(), "```", ""]
     path = run_dir / "report.md"
     tmp = run_dir / ".report.md.tmp"
