@@ -90,10 +90,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise FileNotFoundError(2, "no such config file", args.config)
     spec = build_spec(args.config, args.overrides, args.name, args.probe, args.random, args.seed)
     if args.optuna:
+        from ssltrain.launch.sweep.results import check_metric, higher_is_better
         from ssltrain.launch.sweep.search import run_optuna
 
-        goal = args.maximize or args.minimize or spec.probe
-        return run_optuna(spec, sweep_root(spec), args.optuna, goal, bool(args.minimize), args.parallel, args.dry_run)
+        goal = check_metric(args.maximize or args.minimize or spec.probe)
+        minimize = bool(args.minimize) or (not args.maximize and not higher_is_better(goal))
+        return run_optuna(spec, sweep_root(spec), args.optuna, goal, minimize, args.parallel, args.dry_run)
     if not spec.axes:
         raise ConfigError("nothing to sweep: give at least one key=v1,v2 (or a sweep file with axes)")
     points = spec.points()
