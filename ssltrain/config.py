@@ -76,7 +76,7 @@ class StoreConfig:
     timeout_s: float = 60.0  # connecting and each socket read: a stalled store is abandoned after this
     endpoint_url: str = ""  # S3-compatible stores (MinIO, Ceph, R2): their endpoint URL; "" is AWS
     anonymous: bool = False  # public buckets: unsigned requests, no credentials
-    cache_dir: str = ""  # local cache of remote shards ("": streamed, not cached); ranks of a node may share it
+    cache_dir: str = ""  # local cache of remote shards (training from a store needs one); ranks of a node may share it
     cache_bytes: int = 50 * 1000**3  # the cache's size limit; least recently used shards are evicted
     prefetch: int = 2  # shards downloaded ahead in the background (also the download threads)
 

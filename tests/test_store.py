@@ -4,7 +4,9 @@ through s3fs, and a fault proxy in front of nginx that drops connections mid-bod
 Checks: remote bytes equal the local shard's; faults are retried to the same bytes in bounded time; a shard that is
 gone fails at once; a stalled server is abandoned after the timeout; the cache (smaller than the set, eviction,
 kill -9 mid-download, sha256 mismatch, processes sharing it); the manifest written by ``ssltrain shards`` and
-``shards verify --fix-index``, and read back locally and remotely with clear errors.
+``shards verify --fix-index``, and read back locally and remotely with clear errors; a training run from nginx, from
+moto's S3 and through the fault proxy (with a cache smaller than the data) equals the run from local disk batch for
+batch; the sampler prefetches the shards ahead; a shard gone from the store is skipped and counted.
 """
 
 from __future__ import annotations
@@ -403,3 +405,148 @@ def test_s3_faults_are_retried_to_the_same_bytes(shard_set: Path, s3: str) -> No
         elapsed = time.monotonic() - start
         assert [f for _, f in proxy.requests if f] == ["503", "drop", "stall", "drop", "503"]
     assert got == want and elapsed < 10, f"{elapsed:.1f}s"
+
+
+# --- training from a store: the same run as from local disk, batch for batch ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four shards of 16 tiny labeled PNGs (64 samples: four batches of 16), with their manifest."""
+    root = tmp_path_factory.mktemp("trainset") / "train"
+    root.mkdir()
+    make_shards(root, [16, 16, 16, 16])
+    write_manifest(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def train_http(train_set: Path, tmp_path_factory: pytest.TempPathFactory):
+    with nginx(train_set, tmp_path_factory.mktemp("nginx-train")) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def train_s3(train_set: Path, s3: str) -> str:
+    """The training set uploaded to s3://shards/train/; the endpoint URL."""
+    fs = filesystem("s3://", StoreOptions(endpoint_url=s3))
+    for f in train_set.iterdir():
+        if f.is_file():
+            fs.put_file(str(f), f"{BUCKET}/train/{f.name}")
+    return s3
+
+
+def _train(tmp_path: Path, name: str, spec: str, **store: object) -> Path:
+    from conftest import tiny_config
+
+    from ssltrain.engine.loop import train
+
+    overrides: dict[str, object] = {
+        "steps": 4,
+        "data.batch_size": 16,
+        "data.workers": 1,
+        "data.record_samples": True,
+        "checkpoint.every": 4,
+        "data.store.retries": 6,
+        "data.store.backoff_s": 0.02,
+        "data.store.timeout_s": 1.0,
+    }
+    overrides.update({f"data.store.{k}": v for k, v in store.items()})
+    return train(tiny_config(tmp_path / name, spec, **overrides))
+
+
+def _same_run(a: Path, b: Path) -> None:
+    from conftest import assert_same_params, final_params
+
+    from ssltrain.data.record import read_global_batches
+    from ssltrain.eval.metrics_log import read_metrics
+
+    batches = read_global_batches(a)
+    assert len(batches) == 4 and all(len(keys) == 16 for keys in batches.values())
+    assert read_global_batches(b) == batches
+    losses = [(r["step"], r["loss"]) for r in read_metrics(a / "metrics.jsonl") if "loss" in r]
+    assert (
+        len(losses) == 4
+        and [(r["step"], r["loss"]) for r in read_metrics(b / "metrics.jsonl") if "loss" in r] == losses
+    )
+    assert_same_params(final_params(a), final_params(b))
+
+
+@pytest.fixture(scope="module")
+def local_run(train_set: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: the same run from local disk."""
+    return _train(tmp_path_factory.mktemp("local"), "local", str(train_set))
+
+
+def _shard_bytes(train_set: Path) -> list[int]:
+    return [p.stat().st_size for p in sorted(train_set.glob("*.tar"))]
+
+
+def _held(cache: Path) -> list[int]:
+    return [p.stat().st_size for p in cache.iterdir() if p.is_file() and not p.name.startswith(".")]
+
+
+def test_training_from_http_and_s3_equals_local_disk(
+    train_set: Path, train_http: str, train_s3: str, local_run: Path, tmp_path: Path
+) -> None:
+    http = _train(tmp_path, "http", train_http, cache_dir=str(tmp_path / "cache-http"))
+    _same_run(local_run, http)
+    assert sorted(_held(tmp_path / "cache-http")) == sorted(_shard_bytes(train_set))  # every shard came whole
+    # S3 through a cache smaller than the data set: shards are evicted and fetched again, the run is the same
+    limit = int(2.5 * max(_shard_bytes(train_set)))
+    s3 = _train(
+        tmp_path,
+        "s3",
+        f"s3://{BUCKET}/train",
+        cache_dir=str(tmp_path / "cache-s3"),
+        cache_bytes=limit,
+        endpoint_url=train_s3,
+    )
+    _same_run(local_run, s3)
+    held = _held(tmp_path / "cache-s3")
+    assert sum(held) <= limit and len(held) < len(_shard_bytes(train_set))
+
+
+def test_training_through_faults_equals_local_disk(
+    train_set: Path, train_http: str, local_run: Path, tmp_path: Path
+) -> None:
+    limit = int(1.5 * max(_shard_bytes(train_set)))  # one shard at a time: every shard is fetched again and again
+    with _proxy(train_http, drop_after=3000) as proxy:
+        proxy.faults = ["503", "drop", "503", None, "drop", "stall", "503", "drop", None, "503", "drop", "503"]
+        faulty = _train(tmp_path, "faulty", proxy.url, cache_dir=str(tmp_path / "cache"), cache_bytes=limit)
+        applied = [f for _, f in proxy.requests if f]
+    assert applied == ["503", "drop", "503", "drop", "stall", "503", "drop", "503", "drop", "503"]
+    _same_run(local_run, faulty)
+
+
+def test_the_sampler_prefetches_the_shards_of_the_batches_ahead(
+    train_set: Path, train_http: str, tmp_path: Path
+) -> None:
+    from ssltrain.config import StoreConfig
+    from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
+
+    store = StoreConfig(cache_dir=str(tmp_path / "cache"), prefetch=2)
+    catalog = ShardCatalog.from_spec(train_http, store=store)
+    order = catalog.stream_order(streams=4, window=16, seed=0)  # each stream reads one shard at a time
+    sampler = GlobalBatchSampler(order, 16).with_prefetch(catalog.prefetch, ahead=1)
+    first = next(iter(sampler))  # the first two batches' shards are asked for; nothing is read yet
+    deadline = time.monotonic() + 10
+    while len(_held(tmp_path / "cache")) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sorted(_held(tmp_path / "cache")) == sorted(_shard_bytes(train_set))
+    assert catalog.read(first[0][0]).image is not None
+    catalog.close()
+
+
+def test_a_shard_gone_from_the_store_is_skipped_and_counted(train_set: Path, train_s3: str, tmp_path: Path) -> None:
+    from ssltrain.eval.metrics_log import read_metrics
+
+    fs = filesystem("s3://", StoreOptions(endpoint_url=train_s3))
+    for f in train_set.iterdir():
+        if f.is_file() and f.name != "train-part2.tar":  # the manifest still lists it
+            fs.put_file(str(f), f"{BUCKET}/gone/{f.name}")
+    start = time.monotonic()
+    run = _train(tmp_path, "gone", f"s3://{BUCKET}/gone", cache_dir=str(tmp_path / "cache"), endpoint_url=train_s3)
+    assert time.monotonic() - start < 60
+    last = read_metrics(run / "metrics.jsonl")[-1]
+    assert last["step"] == 4 and last["data_skipped"] == 16  # one epoch: every sample of the missing shard

@@ -202,3 +202,78 @@ def test_rank_shares_reassemble_the_single_process_batch(shard_dir: Path) -> Non
 def test_fewer_samples_than_streams_make_a_stream_a_sample() -> None:
     order = StreamOrder(np.array([3, 1]), 8, 0, seed=1)
     assert order.streams == 4 and sorted(order.sample_ids(0, np.arange(4)).tolist()) == [0, 1, 2, 3]
+
+
+# --- the catalog keeps per-shard state only -------------------------------------------------------------------------
+
+
+def test_keys_are_read_on_demand_with_the_same_meaning(shard_dir: Path) -> None:
+    catalog = ShardCatalog.from_spec(str(shard_dir))
+    keys = catalog.keys
+    assert (
+        len(keys) == 53
+        and keys[20] == "s000020"
+        and keys[-1] == "s000052"
+        and keys[18:21]
+        == [
+            "s000018",
+            "s000019",
+            "s000020",
+        ]
+    )
+    assert list(keys) == [f"s{i:06d}" for i in range(53)] and keys.index("s000040") == 40
+    assert catalog.key(0) == "s000000" and catalog.read(40).key == "s000040"
+
+
+def test_start_up_reads_the_manifest_not_the_indexes(shard_dir: Path) -> None:
+    """With a manifest listing the shards, start-up opens no index: a garbled one is found (and its samples skipped
+    and named) only when a sample of it is read."""
+    import warnings
+
+    from ssltrain.data.manifest import write_manifest
+
+    write_manifest(shard_dir)
+    garbled = index_path_for(sorted(shard_dir.glob("*.tar"))[1])
+    garbled.write_text("v1.2 20\n" + "nonsense\n" * 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is skipped or warned about at start-up
+        catalog = ShardCatalog.from_spec(str(shard_dir))
+    assert len(catalog) == 53 and catalog.shard_counts().tolist() == [20, 20, 13]
+    assert catalog.read(5).key == "s000005" and catalog.read(5).image == png_bytes(5)
+    bad = catalog.read(25)
+    assert bad.image is None and "train-part1.idx' line 2 is malformed" in bad.problem
+    assert catalog.read(45).image == png_bytes(45)
+
+
+def _synthetic_shards(root: Path, shards: int, per_shard: int) -> None:
+    """Index files of ``per_shard`` samples (png + cls) beside sparse tars of the right size: what start-up reads."""
+    for s in range(shards):
+        lines = [f"v1.2 {per_shard}"]
+        off = 512
+        for j in range(per_shard):
+            name = f"sample{s:04d}_{j:07d}"
+            lines.append(f"png {off} 3000 {name}.png cls {off + 3584} 1 {name}.cls")
+            off += 3584 + 1024
+        (root / f"train-{s:04d}.idx").write_text("\n".join(lines) + "\n")
+        with open(root / f"train-{s:04d}.tar", "wb") as f:
+            f.truncate(off + 1024)
+
+
+def test_the_catalog_holds_per_shard_state_only(tmp_path: Path) -> None:
+    """Start-up builds nothing per sample (retained memory does not grow with the samples), and a process keeps a
+    bounded number of parsed indexes however many shards it reads."""
+    import tracemalloc
+
+    _synthetic_shards(tmp_path, 6, 20_000)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    catalog = ShardCatalog.from_spec(str(tmp_path))
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert len(catalog) == 120_000 and held < 64 << 10, held  # the old catalog: ~1 KB a sample, over 100 MB here
+    assert catalog.key(7) == "sample0000_0000007"
+    table = catalog._tables[0]
+    assert table.nbytes < 80 * 20_000  # numpy arrays and one buffer of keys, no object per sample
+    catalog.TABLE_BYTES = 2 * table.nbytes
+    assert [catalog.key(s * 20_000 + 7) for s in range(6)] == [f"sample{s:04d}_0000007" for s in range(6)]
+    assert list(catalog._tables) == [4, 5]

@@ -8,6 +8,7 @@ A step recorded twice (a crash after recording, before the checkpoint) is read b
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from torch import Tensor
@@ -16,8 +17,8 @@ from torch import Tensor
 class SampleRecord:
     """Appends ``{"step", "micro", "rank", "keys", "positions"}`` lines to ``RUN/samples/rank-NNNNN.jsonl``."""
 
-    def __init__(self, run_dir: Path, rank: int, keys: list[str]) -> None:
-        self.keys = keys
+    def __init__(self, run_dir: Path, rank: int, keys: Sequence[str]) -> None:
+        self.keys = keys  # the catalog's (read on demand: a key's shard index is parsed when first asked for)
         folder = run_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         # Open for the whole run (closed by close()), line-buffered: a crash loses no line.

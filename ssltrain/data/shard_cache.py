@@ -76,6 +76,7 @@ class ShardCache:
         self.options = options
         self.locks = self.dir / ".locks"
         self.locks.mkdir(parents=True, exist_ok=True)
+        self.workers = max(1, workers)
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="shard-prefetch")
         self._inflight: dict[str, Future[Path | None]] = {}
         self._mutex = threading.Lock()
@@ -92,18 +93,28 @@ class ShardCache:
         ref = ShardRef(ref) if isinstance(ref, str) else ref
         if not is_remote(ref.url):
             return open_shard(ref.url, self.options, offset)
+        fd = self.open_fd(ref)
+        if fd is None:
+            return open_shard(ref.url, self.options, offset, ref.size)
+        f = os.fdopen(fd, "rb")
+        f.seek(offset)
+        return f
+
+    def open_fd(self, ref: ShardRef) -> int | None:
+        """A read-only descriptor of the cached copy of a remote shard (downloading it, or waiting for its prefetch,
+        if needed), or None when it does not fit in the cache: read it from the store instead. The descriptor keeps
+        the bytes readable even if another process evicts the shard meanwhile. Raises :class:`ShardUnavailable`."""
         for _ in range(3):  # a shard evicted by another process between its download and our open: fetch again
             path = self._wait_or_fetch(ref)
             if path is None:
                 self.stats["streamed"] += 1
-                return open_shard(ref.url, self.options, offset, ref.size)
+                return None
             try:
-                f = open(path, "rb")  # noqa: SIM115 (the caller closes it)
+                fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
                 continue
             _touch(path)
-            f.seek(offset)
-            return f
+            return fd
         raise ShardUnavailable(ref.url, 3, "evicted from the cache as fast as it was downloaded; raise cache_bytes")
 
     def prefetch(self, refs: Iterable[ShardRef | str]) -> None:
@@ -117,6 +128,11 @@ class ShardCache:
                 if key in self._inflight or (self.dir / key).exists():
                     continue
                 self._inflight[key] = self._pool.submit(self._fetch_logged, ref, key)
+
+    def in_flight(self) -> int:
+        """Prefetches queued or running in this process."""
+        with self._mutex:
+            return len(self._inflight)
 
     def path(self, ref: ShardRef | str) -> Path | None:
         """Where the shard is cached, if it is (now)."""

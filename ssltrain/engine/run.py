@@ -238,7 +238,7 @@ def build_run(cfg: Config) -> Run:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    catalog = ShardCatalog.from_spec(cfg.data.train, "data.train")
+    catalog = ShardCatalog.from_spec(cfg.data.train, "data.train", cfg.data.store)
     cfg = _resolved(cfg, catalog)
     check_world_size(cfg, env.world_size)
     if cfg.data.streams % env.world_size and env.rank == 0:

@@ -22,11 +22,13 @@ def build_train_loader(
     cfg: Config, catalog: ShardCatalog, sampler: GlobalBatchSampler, device: torch.device
 ) -> Iterable[Views]:
     """An iterable of this rank's batches, one per item of ``sampler``, in order."""
-    if cfg.data.modality == "image" and catalog.video_samples:
+    if cfg.data.modality == "image" and (clips := catalog.video_samples()):
         raise ConfigError(
-            f"'{cfg.data.train}' holds {catalog.video_samples} video clips; train on them with "
+            f"'{cfg.data.train}' holds {clips} video clips; train on them with "
             f"data.modality=video (and data.video.mode=frames for an image backbone)"
         )
+    if catalog.remote:  # the shards of the batches ahead are downloaded into the cache while these are read
+        sampler = sampler.with_prefetch(catalog.prefetch, ahead=2 * max(1, cfg.data.workers) + 2)
     if cfg.data.modality == "video":
         from ssltrain.data.loaders.video import build_video_loader  # imports ffmpeg-python: only when asked for
 

@@ -15,14 +15,12 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from ssltrain.config import Config, check_video_config
 from ssltrain.data.augment import CPURenderer, SampleRandom, ViewParams, ViewSpec, apply
 from ssltrain.data.loaders.dataset import Sample, SeededSamples, Unreadable, Views, make_loader
-from ssltrain.data.shards import read_index
 from ssltrain.data.stream import GlobalBatchSampler, RawSample, ShardCatalog
 from ssltrain.data.video_io import DECODE_TIMEOUT_S, FFmpegError, decode_clip, probe, require_ffmpeg
 
@@ -39,24 +37,11 @@ class ClipMetadata:
     """Each catalog sample's ``.json`` (fps, frames, size) by sample id; samples without one are probed instead."""
 
     def __init__(self, catalog: ShardCatalog) -> None:
-        self.paths = catalog.paths
-        offsets, sizes = [], []
-        for path in catalog.paths:  # the catalog indexed the same shards in the same order
-            for entry in read_index(path).samples:
-                comp = entry.components.get("json")
-                offsets.append(comp.offset if comp else -1)
-                sizes.append(comp.size if comp else -1)
-        if len(offsets) != len(catalog):  # a shard changed since the catalog read it: probe everything
-            offsets, sizes = [-1] * len(catalog), [-1] * len(catalog)
-        self.shard = catalog.shard
-        self.offset = np.asarray(offsets, dtype=np.int64)
-        self.size = np.asarray(sizes, dtype=np.int64)
+        self.catalog = catalog  # each sample's .json is read beside its clip, from the same shard
 
     def info(self, i: int, clip: bytes) -> ClipInfo:
-        if self.size[i] >= 0:
-            with open(self.paths[int(self.shard[i])], "rb") as f:
-                f.seek(int(self.offset[i]))
-                raw = f.read(int(self.size[i]))
+        raw = self.catalog.read_meta(i)
+        if raw is not None:
             try:
                 meta = json.loads(raw)
                 fps, frames, width, height = (
