@@ -105,6 +105,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not Path(args.config).is_file():
         raise FileNotFoundError(2, "no such config file", args.config)
     spec = build_spec(args.config, args.overrides, args.name, args.probe, args.random, args.seed)
+    if args.optuna and args.slurm:
+        raise ConfigError(
+            "--optuna runs its trials on this machine (--parallel N at a time); for Slurm, sweep a grid or --random N"
+        )
     if args.optuna:
         from ssltrain.launch.sweep.results import check_metric, higher_is_better
         from ssltrain.launch.sweep.search import run_optuna
