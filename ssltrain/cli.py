@@ -50,18 +50,36 @@ def _write(samples, out: Path, prefix: str, size) -> list[Path]:
     from ssltrain.data.shards import write_shards
 
     start = time.perf_counter()
-    caps = {"max_count": size.samples} if size.samples else {"max_count": 1 << 62, "max_size": size.bytes}
-    paths = write_shards(samples, out, prefix, **caps)
+    if size.samples:  # one write_shard per shard: the same samples give the same bytes (a rerun's uploads skip them)
+        from itertools import islice
+
+        from ssltrain.data.shards import write_shard
+
+        stream, paths = iter(samples), list[Path]()
+        while chunk := list(islice(stream, size.samples)):
+            paths.append(write_shard(chunk, out / f"{prefix}-{len(paths):06d}.tar").path)
+    else:
+        paths = write_shards(samples, out, prefix, max_count=1 << 62, max_size=size.bytes)
     log.info("wrote %d shards to %s/%s-*.tar in %.1fs", len(paths), out, prefix, time.perf_counter() - start)
     return paths
 
 
 def cmd_shards(args: argparse.Namespace) -> int | None:
+    from ssltrain.data.ingest.upload import shard_output
     from ssltrain.data.ingest.writer import ShardSize
+    from ssltrain.data.store import StoreOptions
 
     if args.source == "verify":
         return cmd_shards_verify(args)
-    out, size = Path(args.out), ShardSize.parse(args.shard_size)
+    size = ShardSize.parse(args.shard_size)
+    options = StoreOptions(endpoint_url=args.endpoint_url or "")  # "": the client's own settings (AWS_ENDPOINT_URL)
+    key = f"{args.source}\n{args.prefix}\n{','.join(args.inputs)}"
+    with shard_output(args.out, options, args.staging, key, args.workers) as out:  # remote: staged, then uploaded
+        _write_source(args, out, size)
+    return None
+
+
+def _write_source(args: argparse.Namespace, out: Path, size: Any) -> None:
     if args.source in ("shapes", "digits"):
         from ssltrain.data.embedded import EMBEDDED
 
@@ -73,7 +91,7 @@ def cmd_shards(args: argparse.Namespace) -> int | None:
         from ssltrain.data.manifest import write_manifest
 
         write_manifest(out)
-        return None
+        return
     if args.source == "video":
         from ssltrain.data.ingest.video import write_video_shards
 
@@ -94,7 +112,7 @@ def cmd_shards(args: argparse.Namespace) -> int | None:
             **caps,
         )
         log.info("%s in %.1fs", video_report.summary(), time.perf_counter() - start)
-        return None
+        return
     from ssltrain.data.ingest import folders
     from ssltrain.data.ingest.images import ingest_folder
 
@@ -117,7 +135,6 @@ def cmd_shards(args: argparse.Namespace) -> int | None:
         len(report.kept),
         len(report.skipped),
     )
-    return None
 
 
 def cmd_shards_verify(args: argparse.Namespace) -> int:
@@ -128,7 +145,7 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
     )
     for problem in report.problems:
         print(problem)
-    bad = sum(1 for s in report.shards if s.problems)
+    bad = sum(1 for s in report.shards if s.problems) + len(report.manifest_problems)  # + listed but missing
     print(
         f"{len(report.shards)} shards, {report.samples} samples: "
         + ("all good" if report.ok else f"{len(report.problems)} problems in {bad} shards")
@@ -175,7 +192,21 @@ def add_shards_parser(sub: argparse._SubParsersAction) -> None:
         help="imagefolder/unlabeled: the input folder; video: video files or "
         "folders; verify: shard directories, globs or {000..009} patterns",
     )
-    shards.add_argument("--out", help="output directory for the .tar and .idx files")
+    shards.add_argument(
+        "--out",
+        help="output directory for the .tar and .idx files, or a store prefix (s3://bucket/set, gs://...): shards are "
+        "staged locally and uploaded one by one, the manifest last; a rerun uploads only what is missing",
+    )
+    shards.add_argument(
+        "--staging",
+        help="remote --out: the local directory shards are written to before upload (default: one under the "
+        "system temp directory, removed after a complete upload)",
+    )
+    shards.add_argument(
+        "--endpoint-url",
+        help="remote --out on an S3-compatible store (MinIO, Ceph, R2): its endpoint; default: the client's own "
+        "settings (AWS_ENDPOINT_URL, ~/.aws); credentials always come from the client's usual chain",
+    )
     shards.add_argument("--prefix", default="train", help="shard name prefix for folder and video sources")
     shards.add_argument(
         "--shard-size", default="10000", help="samples per shard (10000) or bytes per shard (1GB, 500MB)"
