@@ -2,7 +2,7 @@
 
     python bench/methods.py --data digits         # every recipe in configs/digits/ (~2.5 min each on 2 CPU cores)
     python bench/methods.py --data digits_vit     # configs/digits_vit/: ViT-tiny, 4 px patches (~5 min each)
-    python bench/methods.py --data shapes         # every recipe in configs/shapes/ (250 steps at batch 128, ~3 min)
+    python bench/methods.py --data shapes         # every recipe in configs/shapes/ (350 steps at batch 128, ~4 min)
     python bench/methods.py --methods dino swav   # a subset
     python bench/methods.py --steps 50            # another budget
     python bench/methods.py --methods byol --set method.byol.momentum=0.996   # one setting changed
