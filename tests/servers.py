@@ -182,6 +182,14 @@ class FaultProxy:
                 head += data
             request, _, rest = head.partition(b"\r\n\r\n")
             lines = request.split(b"\r\n")
+            fields = {
+                ln.split(b":", 1)[0].strip().lower(): ln.split(b":", 1)[1].strip() for ln in lines[1:] if b":" in ln
+            }
+            if fields.get(b"expect", b"").lower() == b"100-continue":  # aiobotocore's PUTs wait to be told to go on
+                client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                lines = [ln for ln in lines if not ln.lower().startswith(b"expect:")]
+            while len(rest) < int(fields.get(b"content-length", b"0")) and (data := client.recv(65536)):
+                rest += data  # an upload's body, relayed whole with its head
             with self._lock:
                 fault = self.faults.pop(0) if self.faults else None
                 self.requests.append((lines[0].decode(errors="replace"), fault))

@@ -11,20 +11,17 @@ AWS_ENDPOINT_URL instead of --endpoint-url; verify names a listed shard that is 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from servers import FaultProxy, moto_s3
@@ -57,50 +54,6 @@ def local_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("local") / "shapes"
     assert cli_main([*SHAPES, "--out", str(out)]) == 0
     return out
-
-
-class _Buffered:
-    """A client socket whose whole request (head and body) was read already: handed to the proxy as one recv."""
-
-    def __init__(self, sock: socket.socket, request: bytes) -> None:
-        self.sock, self.request = sock, request
-
-    def recv(self, n: int) -> bytes:
-        if self.request:
-            data, self.request = self.request, b""
-            return data
-        return self.sock.recv(n)
-
-    def __getattr__(self, name: str) -> Any:  # sendall, shutdown, close
-        return getattr(self.sock, name)
-
-
-class UploadProxy(FaultProxy):
-    """The fault proxy for uploads: tests/servers.py relays the request's head and what came with it, so a PUT's
-    body is read whole first (its Content-Length) and relayed with the head. A client that asks to be told to go on
-    before sending its body (``Expect: 100-continue``, as aiobotocore's PUTs do) is told so by the proxy."""
-
-    def _handle(self, client: socket.socket) -> None:
-        request = b""
-        with contextlib.suppress(OSError):
-            while b"\r\n\r\n" not in request:
-                data = client.recv(65536)
-                if not data:
-                    break
-                request += data
-            head, _, body = request.partition(b"\r\n\r\n")
-            lines = head.split(b"\r\n")
-            fields = {
-                ln.split(b":", 1)[0].strip().lower(): ln.split(b":", 1)[1].strip() for ln in lines[1:] if b":" in ln
-            }
-            if fields.get(b"expect", b"").lower() == b"100-continue":
-                client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-                lines = [ln for ln in lines if not ln.lower().startswith(b"expect:")]
-            length = int(fields.get(b"content-length", b"0"))
-            while len(body) < length and (data := client.recv(65536)):
-                body += data
-            request = b"\r\n".join(lines) + b"\r\n\r\n" + body
-        super()._handle(_Buffered(client, request))  # type: ignore[arg-type]
 
 
 def _members(data: bytes) -> list[tuple[str, bytes]]:
@@ -152,7 +105,7 @@ def test_an_interrupted_upload_resumes_without_sending_finished_shards(s3: str, 
     host, port = s3.removeprefix("http://").split(":")
     # Stage the set, then upload it through a proxy that starts answering 503 after a few requests.
     assert cli_main([*SHAPES, "--out", str(staging)]) == 0
-    with UploadProxy((host, int(port))) as proxy:
+    with FaultProxy((host, int(port))) as proxy:
         proxy.faults = [None] * 11 + ["503"] * 100
         flaky = StoreOptions(retries=2, backoff_s=0.01, timeout_s=2.0, endpoint_url=proxy.url)
         with pytest.raises(UploadError, match="run the same command again"):
@@ -164,7 +117,7 @@ def test_an_interrupted_upload_resumes_without_sending_finished_shards(s3: str, 
     assert all(n.replace(".tar", ".idx") in first for n in done)  # a shard in the store has its index
 
     # The rerun (the whole command, staging again into the same directory) sends only what is missing.
-    with UploadProxy((host, int(port))) as proxy:
+    with FaultProxy((host, int(port))) as proxy:
         assert cli_main([*SHAPES, "--out", url, "--staging", str(staging), "--endpoint-url", proxy.url]) == 0
         puts = sorted(Path(r.split()[1].split("?")[0]).name for r, _ in proxy.requests if r.startswith("PUT"))
     missing = [n for n in NAMES if n not in done]
@@ -180,7 +133,7 @@ def test_an_interrupted_upload_resumes_without_sending_finished_shards(s3: str, 
     # A shard replaced in the store by other bytes (its stored checksum no longer the staged one) is sent again.
     fs = filesystem("s3://", opts)
     fs.pipe_file(f"{BUCKET}/resume/{NAMES[0]}", b"x" * manifest.shards[0].bytes)
-    with UploadProxy((host, int(port))) as proxy:
+    with FaultProxy((host, int(port))) as proxy:
         assert cli_main([*SHAPES, "--out", url, "--staging", str(staging), "--endpoint-url", proxy.url]) == 0
         puts = sorted(Path(r.split()[1].split("?")[0]).name for r, _ in proxy.requests if r.startswith("PUT"))
     assert puts == sorted([MANIFEST_NAME, "classes.json", NAMES[0], NAMES[0].replace(".tar", ".idx")])
@@ -193,7 +146,7 @@ def test_a_writer_killed_midway_resumes_from_the_default_staging(s3: str) -> Non
     shutil.rmtree(staging, ignore_errors=True)
     host, port = s3.removeprefix("http://").split(":")
     command = [sys.executable, "-m", "ssltrain.cli", *SHAPES, "--out", url]
-    with UploadProxy((host, int(port))) as proxy:
+    with FaultProxy((host, int(port))) as proxy:
         proxy.faults = [None] * 11 + ["stall"] * 100  # the upload hangs after its first shard: killed there
         proc = subprocess.Popen(
             [*command, "--endpoint-url", proxy.url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -210,7 +163,7 @@ def test_a_writer_killed_midway_resumes_from_the_default_staging(s3: str) -> Non
     done = sorted(n for n in first if n.endswith(".tar"))
     assert 1 <= len(done) < len(NAMES) and MANIFEST_NAME not in first
     assert sorted(p.name for p in staging.glob("*.tar")) == NAMES  # what the killed run staged is still there
-    with UploadProxy((host, int(port))) as proxy:
+    with FaultProxy((host, int(port))) as proxy:
         assert cli_main([*command[3:], "--endpoint-url", proxy.url]) == 0
         puts = sorted(Path(r.split()[1].split("?")[0]).name for r, _ in proxy.requests if r.startswith("PUT"))
     missing = [n for n in NAMES if n not in done]
