@@ -26,6 +26,7 @@ from ssltrain.data import augment  # noqa: E402
 from ssltrain.data.augment import CPURenderer, SampleRandom, ViewParams  # noqa: E402
 from ssltrain.data.loaders import build_train_loader, dali  # noqa: E402
 from ssltrain.data.loaders.dali import DaliLoader, build_dali_loader  # noqa: E402
+from ssltrain.data.masks import MaskDraw, sample_rng  # noqa: E402
 from ssltrain.data.shards import write_shards  # noqa: E402
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog, sample_seed  # noqa: E402
 
@@ -76,10 +77,20 @@ def mixed_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return write(tmp_path_factory.mktemp("mixed"), samples)
 
 
-def loaders(cfg, spec: str, batch: int, **sampler_kw):
+def loaders(cfg, spec: str, batch: int, masks: MaskDraw | None = None, **sampler_kw):
     catalog = ShardCatalog.from_spec(spec)
     sampler = GlobalBatchSampler(len(catalog), batch, cfg.seed, **sampler_kw)
-    return DaliLoader(cfg, catalog, sampler, None), build_train_loader(cfg, catalog, sampler, CPU)
+    return DaliLoader(cfg, catalog, sampler, None, masks), build_train_loader(cfg, catalog, sampler, CPU, masks)
+
+
+def position_masks(seed: int, batch: int) -> MaskDraw:
+    """A mask generator whose rows say which sample they were drawn for: its position, and a draw from it."""
+
+    def draw(positions: np.ndarray, seed: int, group_size: int) -> dict[str, torch.Tensor]:
+        noise = [sample_rng(seed, int(p)).random() for p in positions]
+        return {"position": torch.from_numpy(positions.copy()), "noise": torch.tensor(noise, dtype=torch.float64)}
+
+    return MaskDraw(draw, seed, batch)
 
 
 def level_diffs(a: list, b: list) -> torch.Tensor:
@@ -389,12 +400,15 @@ def test_a_batch_dali_cannot_decode_is_rendered_on_the_cpu(
 ) -> None:
     monkeypatch.setattr(dali, "_dali_decodes_like_pil", lambda img, data: True)  # the truncated JPEG reaches DALI
     cfg = tiny_config(tmp_path, damaged_dir, **{"data.batch_size": 22})
-    dali_loader, cpu_loader = loaders(cfg, damaged_dir, 22)
+    dali_loader, cpu_loader = loaders(cfg, damaged_dir, 22, position_masks(cfg.seed, 22))
     with caplog.at_level(logging.WARNING, logger="ssltrain.data.loaders.dali"):
         (a,), (b,) = list(dali_loader), list(cpu_loader)
     assert "rendering it on the CPU" in caplog.text
     assert reasons(a.skipped) == reasons(b.skipped) and torch.equal(a.index, b.index)
     assert all(torch.equal(u, v) for u, v in zip(a.global_views, b.global_views))
+    # The truncated JPEG got masks in the worker, then was skipped on the CPU: its row is gone, the rest in order.
+    assert torch.equal(a.masks["position"], a.position) and torch.equal(b.masks["position"], b.position)
+    assert torch.equal(a.masks["noise"], b.masks["noise"]) and a.masks["noise"].shape == (a.batch_size,)
 
 
 # --- the trainer, and the fallback ---------------------------------------------------------------------------------

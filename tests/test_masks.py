@@ -10,7 +10,7 @@ import torch
 from conftest import make_shards, tiny_config
 
 from ssltrain.data.loaders import build_train_loader
-from ssltrain.data.masks import MaskedBatches, sample_rng
+from ssltrain.data.masks import MaskDraw, sample_rng
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
 from ssltrain.models.backbones import build_backbone
 
@@ -70,8 +70,8 @@ def test_masks_are_a_function_of_seed_and_position_on_any_world_size(tmp_path: P
     drawn: dict[int, float] = {}
     for rank in range(world_size):
         sampler = GlobalBatchSampler(len(catalog), 8, cfg.seed, start=8, end=24, rank=rank, world_size=world_size)
-        loader = build_train_loader(cfg, catalog, sampler, torch.device("cpu"))
-        for views, positions in zip(MaskedBatches(loader, _Noise(), cfg.seed, 8), sampler):
+        loader = build_train_loader(cfg, catalog, sampler, torch.device("cpu"), MaskDraw(_Noise(), cfg.seed, 8))
+        for views, positions in zip(loader, sampler):  # drawn in the loader's worker (data.workers 1)
             assert views.position.tolist() == [p for _, p in positions]
             assert views.masks["group"].tolist() == [p // 8 for _, p in positions]
             drawn.update(zip(views.position.tolist(), views.masks["noise"].tolist()))

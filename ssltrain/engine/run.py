@@ -32,7 +32,7 @@ from ssltrain.core.collectives import agree, all_reduce_sum, barrier
 from ssltrain.core.device import resolve_device
 from ssltrain.core.process_group import DistEnv, init_distributed
 from ssltrain.data.loaders import Views, build_train_loader
-from ssltrain.data.masks import MaskedBatches
+from ssltrain.data.masks import MaskDraw
 from ssltrain.data.order import StreamOrder
 from ssltrain.data.record import SampleRecord
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
@@ -117,10 +117,9 @@ class Run:
             rank=self.env.rank,
             world_size=self.env.world_size,
         )
-        batches: Iterable[Views] = build_train_loader(self.cfg, self.catalog, sampler, self.device)
-        masks = self.model.masks
-        if masks is not None:
-            batches = MaskedBatches(batches, masks, self.cfg.seed, sampler.global_batch)
+        generator = self.model.masks
+        masks = None if generator is None else MaskDraw(generator, self.cfg.seed, sampler.global_batch)
+        batches: Iterable[Views] = build_train_loader(self.cfg, self.catalog, sampler, self.device, masks)
         return iter(batches)
 
     # --- the run's state -------------------------------------------------------------------------------------------

@@ -14,14 +14,19 @@ import torch
 
 from ssltrain.config import Config, ConfigError
 from ssltrain.data.loaders.cpu import build_cpu_loader
-from ssltrain.data.loaders.dataset import Views
+from ssltrain.data.loaders.dataset import BatchMasks, Views
 from ssltrain.data.stream import GlobalBatchSampler, ShardCatalog
 
 
 def build_train_loader(
-    cfg: Config, catalog: ShardCatalog, sampler: GlobalBatchSampler, device: torch.device
+    cfg: Config,
+    catalog: ShardCatalog,
+    sampler: GlobalBatchSampler,
+    device: torch.device,
+    masks: BatchMasks | None = None,
 ) -> Iterable[Views]:
-    """An iterable of this rank's batches, one per item of ``sampler``, in order."""
+    """An iterable of this rank's batches, one per item of ``sampler``, in order; with ``masks`` (a masked method's
+    :class:`ssltrain.data.masks.MaskDraw`), each batch's masks are drawn in the loader's workers."""
     if cfg.data.modality == "image" and (clips := catalog.video_samples()):
         raise ConfigError(
             f"'{cfg.data.train}' holds {clips} video clips; train on them with "
@@ -32,12 +37,12 @@ def build_train_loader(
     if cfg.data.modality == "video":
         from ssltrain.data.loaders.video import build_video_loader  # imports ffmpeg-python: only when asked for
 
-        return build_video_loader(cfg, catalog, sampler, device)
+        return build_video_loader(cfg, catalog, sampler, device, masks)
     if cfg.data.loader == "dali":
         from ssltrain.data.loaders.dali import build_dali_loader
 
-        return build_dali_loader(cfg, catalog, sampler, device)
-    return build_cpu_loader(cfg, catalog, sampler, device)
+        return build_dali_loader(cfg, catalog, sampler, device, masks)
+    return build_cpu_loader(cfg, catalog, sampler, device, masks)
 
 
 __all__ = ["Views", "build_train_loader"]

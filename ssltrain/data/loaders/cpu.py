@@ -18,6 +18,8 @@ from torchvision.transforms.v2 import functional as TF
 from ssltrain.config import Config
 from ssltrain.data.augment import CPURenderer, EvalTransform, SampleRandom
 from ssltrain.data.loaders.dataset import (
+    BatchMasks,
+    CollateWithMasks,
     Sample,
     SeededSamples,
     Skipped,
@@ -96,11 +98,18 @@ class EvalShards(Dataset):
 
 
 def build_cpu_loader(
-    cfg: Config, catalog: ShardCatalog, sampler: GlobalBatchSampler, device: torch.device
+    cfg: Config,
+    catalog: ShardCatalog,
+    sampler: GlobalBatchSampler,
+    device: torch.device,
+    masks: BatchMasks | None = None,
 ) -> Iterable[Views]:
     """The CPU image path; also what ``data.loader=dali`` falls back to where DALI cannot run."""
     dataset = AugmentedShards(catalog, CPURenderer(cfg.augment), cfg.seed)
-    loader: DataLoader = make_loader(dataset, cfg.data.workers, pin_memory=device.type == "cuda", batch_sampler=sampler)
+    collate = collate_views if masks is None else CollateWithMasks(collate_views, masks)
+    loader: DataLoader = make_loader(
+        dataset, cfg.data.workers, pin_memory=device.type == "cuda", batch_sampler=sampler, collate=collate
+    )
     return loader
 
 

@@ -31,7 +31,7 @@ import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,7 +51,15 @@ from ssltrain.data.augment import (
     ViewSpec,
 )
 from ssltrain.data.loaders.cpu import DECODE_ERRORS, AugmentedShards, build_cpu_loader, decode_reason
-from ssltrain.data.loaders.dataset import Sample, SeededSamples, Skipped, Unreadable, Views, make_loader
+from ssltrain.data.loaders.dataset import (
+    BatchMasks,
+    Sample,
+    SeededSamples,
+    Skipped,
+    Unreadable,
+    Views,
+    make_loader,
+)
 from ssltrain.data.stream import GlobalBatchSampler, RawSample, ShardCatalog
 
 log = logging.getLogger(__name__)
@@ -327,26 +335,43 @@ def _build_pipeline(
 
 @dataclass
 class _HostBatch:
-    """One sampler batch: its items in order and, for the ``_Ready`` ones, DALI's inputs (built in the workers)."""
+    """One sampler batch: its items in order, DALI's inputs for the ``_Ready`` ones and the masks of every sample
+    not skipped (both built in the workers)."""
 
     items: list
     inputs: tuple | None
+    masks: dict[str, Tensor] = field(default_factory=dict)
+    mask_positions: list[int] = field(default_factory=list)  # the positions of the masks' rows
+
+    def masks_of(self, positions: list[int]) -> dict[str, Tensor]:
+        """The mask rows of the samples that made it into the batch (one rendered on the CPU may be skipped there)."""
+        if positions == self.mask_positions:
+            return self.masks
+        row = {p: i for i, p in enumerate(self.mask_positions)}
+        keep = torch.tensor([row[p] for p in positions], dtype=torch.long)
+        return {name: m[keep] for name, m in self.masks.items()}
 
 
 class _Collate:
-    """DataLoader collate: lays out the per-sample view parameters as DALI's per-field batch arrays."""
+    """DataLoader collate: lays out the per-sample view parameters as DALI's per-field batch arrays, and draws the
+    masks of a masked method."""
 
-    def __init__(self, plans: list[_ViewPlan]) -> None:
-        self.plans = plans
+    def __init__(self, plans: list[_ViewPlan], masks: BatchMasks | None = None) -> None:
+        self.plans, self.masks = plans, masks
 
     def __call__(self, items: list) -> _HostBatch:
+        batch = _HostBatch(items, None)
+        if self.masks is not None:
+            batch.mask_positions = [x.position for x in items if isinstance(x, (_Ready, _OnCPU))]
+            if batch.mask_positions:
+                batch.masks = dict(self.masks(np.asarray(batch.mask_positions, dtype=np.int64)))
         ready = [x for x in items if isinstance(x, _Ready)]
-        if not ready:
-            return _HostBatch(items, None)
-        inputs: list[Any] = [[x.data for x in ready]]
-        for v, plan in enumerate(self.plans):
-            inputs += plan.columns([x.params[v] for x in ready]).values()
-        return _HostBatch(items, tuple(inputs))
+        if ready:
+            inputs: list[Any] = [[x.data for x in ready]]
+            for v, plan in enumerate(self.plans):
+                inputs += plan.columns([x.params[v] for x in ready]).values()
+            batch.inputs = tuple(inputs)
+        return batch
 
 
 class _Feed:
@@ -386,8 +411,16 @@ class DaliLoader:
     DALI runs ``max(1, data.workers)`` threads and prefetches two batches in its own queue.
     """
 
-    def __init__(self, cfg: Config, catalog: ShardCatalog, sampler: GlobalBatchSampler, device_id: int | None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        catalog: ShardCatalog,
+        sampler: GlobalBatchSampler,
+        device_id: int | None,
+        masks: BatchMasks | None = None,
+    ) -> None:
         _import_dali()
+        self.masks = masks
         self.renderer = CPURenderer(cfg.augment)
         self.plans = [_ViewPlan.of(v) for v in self.renderer.views]
         self.n_global = len(self.renderer.global_views)
@@ -409,7 +442,8 @@ class DaliLoader:
             self._feed = _Feed()
             self._pipe = _build_pipeline(self.plans, self._feed, *self._pipe_args)
         self._used = True
-        host = make_loader(self.host, self.workers, batch_sampler=self.sampler, collate=_Collate(self.plans))
+        collate = _Collate(self.plans, self.masks)
+        host = make_loader(self.host, self.workers, batch_sampler=self.sampler, collate=collate)
         self._feed.start(iter(host))
         pending = self._feed.pending
         while True:
@@ -423,10 +457,10 @@ class DaliLoader:
                     raise
                 outputs, error = None, err
             while pending and pending[0].inputs is None:  # batches before it that DALI had nothing to do for
-                yield self._assemble(pending.popleft().items, None)
+                yield self._assemble(pending.popleft(), None)
             if not pending:  # DALI failed before it took a batch of ours: nothing to render in its place
                 raise error or RuntimeError("DALI returned a batch it was not given")
-            items = pending.popleft().items
+            batch = pending.popleft()
             if error is not None:
                 self.failures += 1
                 if self.failures <= 10 or self.failures % 1000 == 0:
@@ -435,10 +469,10 @@ class DaliLoader:
                         self.failures,
                         _error_summary(error),
                     )
-                items = [_OnCPU(x.index, x.position) if isinstance(x, _Ready) else x for x in items]
-            yield self._assemble(items, outputs)
+                batch.items = [_OnCPU(x.index, x.position) if isinstance(x, _Ready) else x for x in batch.items]
+            yield self._assemble(batch, outputs)
         while pending:
-            yield self._assemble(pending.popleft().items, None)
+            yield self._assemble(pending.popleft(), None)
 
     def _to_torch(self, outputs: tuple) -> list[Tensor]:
         """DALI's output batches as torch tensors, without a copy (DLPack; on the GPU, stream-ordered)."""
@@ -451,13 +485,13 @@ class DaliLoader:
                 tensors.append(torch.from_dlpack(out.as_tensor()))
         return tensors
 
-    def _assemble(self, items: list, outputs: tuple | None) -> Views:
+    def _assemble(self, batch: _HostBatch, outputs: tuple | None) -> Views:
         """Put DALI's rows and CPU-rendered samples in sampler order; report the skipped ones."""
         rendered = self._to_torch(outputs) if outputs is not None else None
         rows: list[int | Sample] = []
         index, labels, positions, skipped = [], [], [], []
         next_row = 0
-        for item in items:
+        for item in batch.items:
             if isinstance(item, _OnCPU):
                 item = self.cpu[(item.sample_id, item.position)]
             if isinstance(item, Skipped):
@@ -493,6 +527,7 @@ class DaliLoader:
             torch.tensor(labels, dtype=torch.long) if all(lbl is not None for lbl in labels) else None,
             skipped,
             torch.tensor(positions, dtype=torch.long),
+            batch.masks_of(positions) if self.masks is not None else {},
         )
 
 
@@ -506,7 +541,11 @@ def _error_summary(err: BaseException) -> str:
 
 
 def build_dali_loader(
-    cfg: Config, catalog: ShardCatalog, sampler: GlobalBatchSampler, device: torch.device
+    cfg: Config,
+    catalog: ShardCatalog,
+    sampler: GlobalBatchSampler,
+    device: torch.device,
+    masks: BatchMasks | None = None,
 ) -> Iterable[Views]:
     """DALI on ``device`` (``mixed`` decode on a GPU, CPU mode otherwise), or the CPU loader when DALI cannot run."""
     try:
@@ -519,7 +558,7 @@ def build_dali_loader(
             err,
             INSTALL_HINT,
         )
-        return build_cpu_loader(cfg, catalog, sampler, device)
+        return build_cpu_loader(cfg, catalog, sampler, device, masks)
     device_id = None
     if device.type == "cuda":
         device_id = device.index if device.index is not None else torch.cuda.current_device()
@@ -530,7 +569,7 @@ def build_dali_loader(
             max(1, cfg.data.workers),
         )
     try:
-        return DaliLoader(cfg, catalog, sampler, device_id)
+        return DaliLoader(cfg, catalog, sampler, device_id, masks)
     except RuntimeError as err:
         log.warning(
             "DALI cannot run on %s (%s): using the CPU loader instead. Check that the DALI wheel matches the "
@@ -539,4 +578,4 @@ def build_dali_loader(
             _error_summary(err),
             INSTALL_HINT,
         )
-        return build_cpu_loader(cfg, catalog, sampler, device)
+        return build_cpu_loader(cfg, catalog, sampler, device, masks)

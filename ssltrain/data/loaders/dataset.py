@@ -10,10 +10,11 @@ one bad sample in a million never stops a run or hangs a worker.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -27,8 +28,8 @@ from ssltrain.data.stream import GlobalBatchSampler, RawSample, ShardCatalog
 @dataclass
 class Views:
     """One batch: the global and local views (each [B, 3, H, W]), dataset indices, labels if every sample has one,
-    the samples' global positions, and the masks a masked method asked for (drawn from (seed, position) by
-    :class:`ssltrain.data.masks.MaskedBatches`; empty otherwise)."""
+    the samples' global positions, and the masks a masked method asked for (drawn from (seed, position) in the
+    loader's workers by a :class:`ssltrain.data.masks.MaskDraw`; empty otherwise)."""
 
     global_views: list[Tensor]
     local_views: list[Tensor]
@@ -125,6 +126,25 @@ def collate_views(items: list[Sample | Skipped]) -> Views:
         skipped,
         torch.tensor([x.position for x in good], dtype=torch.long),
     )
+
+
+BatchMasks = Callable[[np.ndarray], Mapping[str, Tensor]]
+"""Draws the masks of the samples at these global positions (rows in their order): a masked method's generator with
+the run's seed and global batch bound (:class:`ssltrain.data.masks.MaskDraw`)."""
+
+
+class CollateWithMasks:
+    """A collate that also draws the batch's masks: in the DataLoader's workers, beside the decoding, so the main
+    process never waits on them (I-JEPA's multi-block draw of a 2,048-sample global batch takes tens of ms)."""
+
+    def __init__(self, collate: Callable[[list[Any]], Views], masks: BatchMasks) -> None:
+        self.collate, self.masks = collate, masks
+
+    def __call__(self, items: list[Any]) -> Views:
+        views = self.collate(items)
+        if views.position is not None and len(views.position):
+            views.masks = dict(self.masks(views.position.numpy()))
+        return views
 
 
 WORKER_TIMEOUT_S = 600

@@ -20,7 +20,16 @@ from torch import Tensor
 
 from ssltrain.config import Config, check_video_config
 from ssltrain.data.augment import CPURenderer, SampleRandom, ViewParams, ViewSpec, apply
-from ssltrain.data.loaders.dataset import Sample, SeededSamples, Unreadable, Views, make_loader
+from ssltrain.data.loaders.dataset import (
+    BatchMasks,
+    CollateWithMasks,
+    Sample,
+    SeededSamples,
+    Unreadable,
+    Views,
+    collate_views,
+    make_loader,
+)
 from ssltrain.data.stream import GlobalBatchSampler, RawSample, ShardCatalog
 from ssltrain.data.video_io import DECODE_TIMEOUT_S, FFmpegError, decode_clip, probe, require_ffmpeg
 
@@ -134,11 +143,20 @@ class VideoClips(SeededSamples[Sample]):
 
 
 def build_video_loader(
-    cfg: Config, catalog: ShardCatalog, sampler: GlobalBatchSampler, device: torch.device
+    cfg: Config,
+    catalog: ShardCatalog,
+    sampler: GlobalBatchSampler,
+    device: torch.device,
+    masks: BatchMasks | None = None,
 ) -> Iterable[Views]:
     """This rank's batches of two-view clips (or frames), one per item of ``sampler``, decoded in DataLoader workers."""
     check_video_config(cfg)
     require_ffmpeg()
+    collate = collate_views if masks is None else CollateWithMasks(collate_views, masks)
     return make_loader(
-        VideoClips(catalog, cfg), cfg.data.workers, pin_memory=device.type == "cuda", batch_sampler=sampler
+        VideoClips(catalog, cfg),
+        cfg.data.workers,
+        pin_memory=device.type == "cuda",
+        batch_sampler=sampler,
+        collate=collate,
     )

@@ -1,23 +1,22 @@
 """Masks of the masked and predictive methods (MAE, I-JEPA, iBOT/DINOv2), drawn on the host as part of the sample
 stream.
 
-A method that needs masks names a :class:`MaskGenerator`; the engine wraps the loader in :class:`MaskedBatches`,
-which adds ``Views.masks`` to every batch. Every draw is a function of (seed, global position) for what varies per
-sample, and of (seed, global batch) for what the official code draws once per batch (I-JEPA's block sizes): the
-same masks on any world size, worker count or renderer (CPU, DALI, video), and a resumed run draws what the
-uninterrupted one drew. Nothing runs in the model's forward, so the DALI graph needs no change.
+A method that needs masks names a :class:`MaskGenerator`; the engine hands the loader a :class:`MaskDraw` (the
+generator with the run's seed and global batch), which its workers call beside the decoding to fill ``Views.masks``
+of every batch: the main process never waits on a draw. Every draw is a function of (seed, global position) for
+what varies per sample, and of (seed, global batch) for what the official code draws once per batch (I-JEPA's block
+sizes): the same masks on any world size, worker count or renderer (CPU, DALI, video), and a resumed run draws what
+the uninterrupted one drew. Nothing runs in the model's forward, so the DALI graph needs no change.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
-
-from ssltrain.data.loaders.dataset import Views
 
 # Salts that keep the mask streams apart from each other and from the augmentations' seeds.
 SAMPLE_SALT = 0x6D61736B  # "mask"
@@ -45,21 +44,17 @@ class MaskGenerator(Protocol):
     def __call__(self, positions: np.ndarray, seed: int, group_size: int) -> dict[str, Tensor]: ...
 
 
-class MaskedBatches:
-    """The loader's batches with ``masks`` drawn for each; everything else passes through unchanged."""
+@dataclass(frozen=True)
+class MaskDraw:
+    """A generator bound to the run's seed and global batch: what the loader's workers call with a batch's positions
+    (picklable, so it travels to them)."""
 
-    def __init__(self, batches: Iterable[Views], generator: MaskGenerator, seed: int, group_size: int) -> None:
-        self.batches, self.generator = batches, generator
-        self.seed, self.group_size = seed, group_size
+    generator: MaskGenerator
+    seed: int
+    group_size: int
 
-    def __iter__(self) -> Iterator[Views]:
-        for views in self.batches:
-            if views.position is None:
-                raise ValueError("a masked method needs the samples' positions; this loader does not give them")
-            positions = views.position.numpy()
-            if len(positions):
-                views.masks = self.generator(positions, self.seed, self.group_size)
-            yield views
+    def __call__(self, positions: np.ndarray) -> dict[str, Tensor]:
+        return self.generator(positions, self.seed, self.group_size)
 
 
 def stack_indices(rows: list[np.ndarray]) -> Tensor:
@@ -67,4 +62,4 @@ def stack_indices(rows: list[np.ndarray]) -> Tensor:
     return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
-__all__ = ["MaskGenerator", "MaskedBatches", "group_rng", "sample_rng", "stack_indices"]
+__all__ = ["MaskDraw", "MaskGenerator", "group_rng", "sample_rng", "stack_indices"]
