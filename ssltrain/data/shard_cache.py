@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from ssltrain.core.files import fsync_dir
 from ssltrain.data.store import ShardUnavailable, StoreOptions, is_remote, iter_chunks, open_shard, shard_size
@@ -307,13 +307,3 @@ def _touch(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         now = time.time()
         os.utime(path, (now, now))
-
-
-def cache_from_config(store_cfg: Any, options: StoreOptions | None = None) -> ShardCache | None:
-    """The cache ``data.store`` asks for, or None when ``cache_dir`` is empty (remote shards are streamed)."""
-    if not store_cfg.cache_dir:
-        return None
-    options = options or StoreOptions.from_config(store_cfg)
-    return ShardCache(
-        os.path.expanduser(store_cfg.cache_dir), int(store_cfg.cache_bytes), options, max(1, store_cfg.prefetch)
-    )
