@@ -19,6 +19,7 @@ def check_data(cfg: Config) -> None:
     """``data.train`` names readable shards; so do ``eval.train``/``eval.val`` when set, and the online kNN monitor
     has both. Raises DataError (from the shard resolver) or ConfigError naming the key and the fix."""
     from ssltrain.data.shards import DataError, expand_shards  # the data layer imports torch: only when checking
+    from ssltrain.data.store import is_remote
 
     specs = {"data.train": cfg.data.train, "eval.train": cfg.eval.train, "eval.val": cfg.eval.val}
     if cfg.eval.online_knn_every > 0:
@@ -29,9 +30,11 @@ def check_data(cfg: Config) -> None:
                     "eval.online_knn_every=0 to turn the online kNN monitor off"
                 )
     for key, spec in specs.items():
-        if not spec:
+        # Shards in a store (s3://, gs://, https://) are not local paths: their manifest is read when the run starts.
+        local = ",".join(part for part in spec.split(",") if part.strip() and not is_remote(part.strip()))
+        if not local:
             continue
-        for path in expand_shards(spec, key):
+        for path in expand_shards(local, key):
             if not os.access(path, os.R_OK):
                 raise DataError(f"shard '{path}' ({key}) is not readable (permission denied); fix its permissions")
 

@@ -5,8 +5,9 @@ Checks: the uploaded set lists the same shards (paths, counts, sizes, sha256) as
 disk, and its samples read back equal; an upload that fails midway (503s from the fault proxy, after the store's
 retries) leaves no manifest, and the rerun sends only the shards that were not in the store (counted as PUT
 requests through the proxy; the others keep their ETag and LastModified); the endpoint may come from
-AWS_ENDPOINT_URL instead of --endpoint-url; verify names a listed shard that is missing, one whose bytes changed
-(also under --no-decode) and one the manifest does not list.
+AWS_ENDPOINT_URL instead of --endpoint-url; an --out on a web server (http(s)://) or under a scheme no store
+handles is one clear error before any shard is staged or any connection made; verify names a listed shard that is
+missing, one whose bytes changed (also under --no-decode) and one the manifest does not list.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -181,6 +183,29 @@ def test_a_failing_store_is_one_clear_error(tmp_path: Path) -> None:
     dead = StoreOptions(retries=1, backoff_s=0.01, timeout_s=1.0, endpoint_url=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(UploadError, match="rerun|run the same command again"):
         upload_shard_set(staging, f"s3://{BUCKET}/dead", dead)
+
+
+@pytest.mark.parametrize("scheme", ["https", "http", "ftp"])
+def test_an_output_no_store_takes_is_refused_before_any_work(
+    scheme: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--out on a web server (or a scheme no store handles) is one line naming the URL and the fix, given before any
+    shard is staged and before any connection: the socket standing in for the server is never connected to."""
+    monkeypatch.chdir(tmp_path)  # were ftp:// taken for a local path, its directory would appear here
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        server.setblocking(False)
+        out = f"{scheme}://127.0.0.1:{server.getsockname()[1]}/set"
+        assert cli_main([*SHAPES, "--out", out]) == 2
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nobody connected
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"--out '{out}'" in err
+    assert ("serve that directory over HTTP" if scheme != "ftp" else "s3://bucket/prefix or gs://") in err
+    assert not default_staging(out, "shapes\ntrain\n").exists() and list(tmp_path.iterdir()) == []
+    with pytest.raises(UploadError, match="cannot be uploaded to a web server"):  # the library entry point too
+        upload_shard_set(tmp_path, out.replace(scheme, "https", 1), StoreOptions())
 
 
 def test_verify_checks_the_manifest(local_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,11 +7,12 @@ its ``.idx`` first and its ``.tar`` last, and ``manifest.json`` is written after
 
 What this relies on: on S3 and GCS an object becomes visible only once its upload is complete (a single PUT, or a
 multipart upload's completion), and replaces the old object whole, so uploading to the final name *is* the
-temporary-name-then-commit of a filesystem, without the copy a rename costs there. Other writable fsspec stores
-(``https://`` servers that accept PUT) are uploaded the same way; their atomicity is the server's. Whatever the
-store, a shard counts as present only when its size and sha256 match the staged one: the sha256 is stored with the
-object (S3/GCS user metadata) when uploaded, so a rerun checks it with one HEAD; where no metadata is kept, the
-object is read back and hashed. An interrupted upload therefore leaves at most a shard that no manifest lists, and
+temporary-name-then-commit of a filesystem, without the copy a rename costs there. A web server (``http(s)://``)
+is refused before any shard is written: HTTP has no standard way to write, list or keep metadata (a plain server
+answers PUT with 405), so the way to serve shards over HTTP is to write them to a directory the server serves. A
+shard counts as present only when its size and sha256 match the staged one: the sha256 is stored with the object
+(S3/GCS user metadata) when uploaded, so a rerun checks it with one HEAD; where no metadata is kept, the object is
+read back and hashed. An interrupted upload therefore leaves at most a shard that no manifest lists, and
 a rerun uploads only what is missing or different. Two runs writing one prefix at the same time are not supported
 (the last manifest wins); runs one after the other (train, then val) merge into one manifest.
 """
@@ -48,6 +49,7 @@ from ssltrain.data.store import (
 log = logging.getLogger("ssltrain")
 
 SHA_KEY = "sha256"  # the user-metadata key holding an uploaded shard's checksum
+WRITABLE = ("file", "s3", "s3a", "gs", "gcs")  # where --out may point
 
 
 class UploadError(DataError):
@@ -59,6 +61,23 @@ class UploadReport:
     uploaded: list[str] = field(default_factory=list)  # shard paths (relative) sent by this run
     kept: list[str] = field(default_factory=list)  # already in the store with the right size and sha256
     bytes: int = 0  # sent by this run (shards, indexes, classes.json, the manifest)
+
+
+def check_destination(out: str) -> None:
+    """Refuse an output location shards cannot be written to, before any shard is staged: a web server, or a scheme
+    no store here handles (which would otherwise become a local directory named after the URL)."""
+    proto = protocol_of(out)
+    if proto in ("http", "https"):
+        raise UploadError(
+            f"--out '{out}': shards cannot be uploaded to a web server (HTTP has no standard way to write objects); "
+            "write them to a local directory (or s3://, gs://) and serve that directory over HTTP, then train "
+            "from its URL"
+        )
+    if proto not in WRITABLE:
+        raise UploadError(
+            f"--out '{out}': {proto}:// is not a store shards can be written to; use a local directory, "
+            "s3://bucket/prefix or gs://bucket/prefix"
+        )
 
 
 def default_staging(out_url: str, key: str = "") -> Path:
@@ -73,7 +92,8 @@ def shard_output(
 ) -> Iterator[Path]:
     """The local directory a writer writes into: ``out`` itself, or for a remote ``out`` a staging directory whose
     shard set is uploaded when the block ends without an error. The default staging directory is removed after a
-    complete upload; one given with ``--staging`` is kept."""
+    complete upload; one given with ``--staging`` is kept. An ``out`` no store can take is refused first."""
+    check_destination(out)
     if not is_remote(out):
         yield Path(local_path(out))
         return
@@ -97,6 +117,7 @@ def upload_shard_set(staging: Path, out_url: str, options: StoreOptions, workers
     """Upload the finished shards of ``staging`` that ``out_url`` lacks (or holds with another size or sha256),
     then the other plain files (``classes.json``), then ``manifest.json``: the staged shards plus those of the
     store's earlier manifest that this set does not replace."""
+    check_destination(out_url)
     staging = Path(staging)
     if not (staging / MANIFEST_NAME).is_file():
         write_manifest(staging)
@@ -214,8 +235,6 @@ def _put(local: Path, url: str, options: StoreOptions, sha256: str | None = None
         kwargs["Metadata"] = {SHA_KEY: sha256}
     elif sha256 and proto in ("gs", "gcs"):
         kwargs["metadata"] = {SHA_KEY: sha256}
-    elif proto in ("http", "https"):
-        kwargs["method"] = "put"
     size = local.stat().st_size
     retrier = Retrier(url, options)
     try:
@@ -231,4 +250,12 @@ def _put(local: Path, url: str, options: StoreOptions, sha256: str | None = None
     return size
 
 
-__all__ = ["SHA_KEY", "UploadError", "UploadReport", "default_staging", "shard_output", "upload_shard_set"]
+__all__ = [
+    "SHA_KEY",
+    "UploadError",
+    "UploadReport",
+    "check_destination",
+    "default_staging",
+    "shard_output",
+    "upload_shard_set",
+]
