@@ -111,11 +111,17 @@ def join(root: str, relative: str) -> str:
 
 _fs_lock = threading.Lock()
 _fs_cache: dict[tuple[str, StoreOptions, int], Any] = {}
+_inherited: list[Any] = []  # a forked child's copies of its parent's clients: kept alive, never closed, see below
 
 
 def _after_fork() -> None:
     global _fs_lock
     _fs_lock = threading.Lock()  # another thread may have held it at the fork
+    # The child builds its own clients; the parent's copies are kept, never freed. Freeing one runs its finalizer
+    # (fsspec's close_session), which unregisters the parent's keep-alive sockets from the event loop's epoll
+    # instance, shared by parent and child after a fork: the parent's next read on such a socket then waits out its
+    # whole timeout (data.store.timeout_s, 60 s) after each DataLoader start (bench/stream_throughput.py).
+    _inherited.extend(_fs_cache.values())
     _fs_cache.clear()
 
 
