@@ -306,6 +306,7 @@ class IJEPAConfig:
     allow_overlap: bool = False  # true: the context is not cut by the targets
     momentum: float = 0.996  # EMA momentum at step 0; linear to momentum_end at the last step
     momentum_end: float = 1.0
+    fixed_pos_embed: bool = True  # the official encoder's frozen 2-D sin-cos positions; false: timm's learned ones
 
 
 @dataclass

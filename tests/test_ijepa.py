@@ -8,6 +8,7 @@ test_distributed_losses (dist_cases "ijepa")."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -26,8 +27,9 @@ from ssltrain.data.masks.multiblock import MultiBlockMasks, MultiBlockSpec
 from ssltrain.engine.loop import train
 from ssltrain.eval.metrics_log import read_metrics
 from ssltrain.losses.ijepa import ijepa_loss, target_features
-from ssltrain.methods.ijepa import IJEPA, IJEPAPredictor, linear_momentum, sincos_pos_embed_2d
+from ssltrain.methods.ijepa import IJEPA, IJEPAPredictor, linear_momentum
 from ssltrain.models.backbones import ViT, build_backbone
+from ssltrain.models.pos_embed import sincos_pos_embed_2d
 
 F64 = torch.float64
 
@@ -487,6 +489,19 @@ def test_momentum_schedule_equals_the_official_generator() -> None:
     m = 0.996 + 5 * 0.004 / 20
     for t, s, b in zip(method.teacher_backbone.parameters(), method.backbone.parameters(), before):
         torch.testing.assert_close(t, m * b + (1 - m) * s)  # official: param_k.mul_(m).add_((1 - m) * param_q)
+
+
+def test_encoders_take_the_official_fixed_sincos_position_embedding() -> None:
+    method = IJEPA(_tiny_vit(), 12, TINY, (4, 4))
+    table = sincos_pos_embed_2d(12, 4, 4, cls_token=True).float()[None]  # the CLS entry zero
+    for vit in (method.backbone, method.teacher_backbone):
+        torch.testing.assert_close(vit.pos_embed, table, rtol=0, atol=0)
+        assert not vit.pos_embed.requires_grad
+    learned = IJEPA(_tiny_vit(), 12, dataclasses.replace(TINY, fixed_pos_embed=False), (4, 4))
+    assert learned.backbone.pos_embed.requires_grad
+    assert not torch.equal(learned.backbone.pos_embed, table)
+    with pytest.raises(ValueError, match="stored for a"):
+        IJEPA(_tiny_vit(), 12, TINY, (2, 2))
 
 
 def test_non_vit_backbone_fails_clearly() -> None:

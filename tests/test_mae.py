@@ -23,8 +23,9 @@ from ssltrain.engine.loop import train
 from ssltrain.eval.metrics_log import read_metrics
 from ssltrain.losses.mae import mae_loss, patchify, unpatchify
 from ssltrain.methods import build_method
-from ssltrain.methods.mae import MAE, get_2d_sincos_pos_embed, random_masking
+from ssltrain.methods.mae import MAE, random_masking
 from ssltrain.models.backbones import ViT
+from ssltrain.models.pos_embed import sincos_pos_embed_2d
 
 # --- Transcription of facebookresearch/mae @ efb2a80 (util/pos_embed.py, models_mae.py MaskedAutoencoderViT) -----
 # Verbatim but for: np.float -> np.float64 (removed from numpy), timm's Block without qk_scale (removed from timm),
@@ -249,9 +250,8 @@ def _official(norm_pix: bool) -> OfficialMAE:
 
 def test_sincos_position_embedding_is_the_officials() -> None:
     for dim, grid, cls in [(16, 4, True), (32, 7, False), (8, 1, True)]:
-        np.testing.assert_array_equal(
-            get_2d_sincos_pos_embed(dim, grid, cls), official_get_2d_sincos_pos_embed(dim, grid, cls)
-        )
+        ref = torch.from_numpy(official_get_2d_sincos_pos_embed(dim, grid, cls))
+        torch.testing.assert_close(sincos_pos_embed_2d(dim, grid, grid, cls), ref, rtol=0, atol=1e-15)
 
 
 def test_patchify_is_the_officials_and_unpatchify_inverts_it() -> None:
@@ -329,7 +329,7 @@ def test_registers_pass_through_the_decoder_like_the_cls_token() -> None:
         reg_tokens=2, no_embed_class=True,
     )  # fmt: skip
     method = MAE(vit, DIM, MAEConfig(decoder_dim=8, decoder_depth=1, decoder_heads=2), grid=GRID, views=1)
-    table = torch.from_numpy(get_2d_sincos_pos_embed(DIM, GRID)).float()
+    table = sincos_pos_embed_2d(DIM, GRID, GRID).float()
     torch.testing.assert_close(vit.pos_embed[0], table, rtol=0, atol=0)
     views = Views([torch.randn(2, 3, IMG, IMG)], [], torch.arange(2), None, position=torch.arange(2))
     views.masks = method.masks(np.arange(2), 0, 2)

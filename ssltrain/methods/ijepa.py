@@ -7,7 +7,7 @@ whole image. No augmentation beyond the crop, no negatives, no projector.
 * Context encoder: the backbone on the context patches only (``ViT.tokens(x, keep=context)``). ssltrain's ViT has a
   CLS token (and registers, if configured) which the official encoder has not: it is encoded with the context
   (and with the full image in the target encoder) and dropped before the predictor and the targets. Its position
-  embedding is learned (timm's), where the official encoder's is a fixed 2-D sin-cos one.
+  embedding is the official fixed 2-D sin-cos one (``fixed_pos_embed``; false keeps timm's learned one).
 * Target encoder: an EMA copy of the backbone on the whole image; its patch tokens layer-normed (no affine), then
   taken at the target blocks. Momentum linear from ``momentum`` to ``momentum_end`` over the run (the official
   ``momentum_scheduler``), a function of the step.
@@ -34,24 +34,7 @@ from ssltrain.losses.ijepa import gather_tokens, ijepa_loss, target_features
 from ssltrain.methods.base import Method, outputs
 from ssltrain.models.backbones import ViT
 from ssltrain.models.ema import ema_update, frozen_copy
-
-
-def sincos_pos_embed_2d(dim: int, height: int, width: int) -> Tensor:
-    """The official ``get_2d_sincos_pos_embed`` (MAE's): [height * width, dim], float64, patches row-major; the
-    first half of the features encodes the column (the official meshgrid puts w first), the second the row, each as
-    (sin, cos) of the frequencies 10000^(-i / (dim / 4))."""
-    if dim % 4:
-        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-
-    def one_axis(pos: Tensor) -> Tensor:
-        out = pos.reshape(-1, 1) * omega
-        return torch.cat([out.sin(), out.cos()], dim=1)
-
-    rows, cols = torch.meshgrid(
-        torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64), indexing="ij"
-    )
-    return torch.cat([one_axis(cols), one_axis(rows)], dim=1)
+from ssltrain.models.pos_embed import freeze_sincos_pos_embed, sincos_pos_embed_2d
 
 
 def linear_momentum(start: float, end: float, step: int, total_steps: int) -> float:
@@ -139,6 +122,13 @@ class IJEPA(Method):
                 f"{heads} heads (method.ijepa.predictor_heads; 0 takes the backbone's)"
             )
         self.predictor = IJEPAPredictor(feature_dim, grid, cfg.predictor_width, cfg.predictor_depth, heads)
+        if cfg.fixed_pos_embed:
+            if tuple(backbone.patch_embed.grid_size) != tuple(grid):
+                raise ValueError(
+                    f"method.ijepa.fixed_pos_embed: the ViT's position embedding is stored for a "
+                    f"{tuple(backbone.patch_embed.grid_size)} grid, the masks are drawn for {grid}"
+                )
+            freeze_sincos_pos_embed(backbone)
         self.teacher_backbone = cast(ViT, frozen_copy(backbone))
         self.masks = MultiBlockMasks(
             MultiBlockSpec(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import cast
 
-import numpy as np
 import torch
 from timm.layers import LayerNorm
 from timm.models.vision_transformer import Block
@@ -31,33 +30,7 @@ from ssltrain.data.masks.random import RandomMaskNoise
 from ssltrain.losses.mae import mae_loss
 from ssltrain.methods.base import Method, outputs
 from ssltrain.models.backbones import VITS, ViT
-
-
-def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.ndarray:
-    """[M] positions -> [M, embed_dim]: sines then cosines of ``pos / 10000^(2i/embed_dim)`` (official)."""
-    if embed_dim % 2:
-        raise ValueError(f"a sin-cos position embedding needs an even width, got {embed_dim}")
-    omega = np.arange(embed_dim // 2, dtype=np.float64)
-    omega /= embed_dim / 2.0
-    omega = 1.0 / 10000**omega
-    out = np.einsum("m,d->md", pos.reshape(-1), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = False) -> np.ndarray:
-    """[(1 +) grid_size**2, embed_dim]: half the width encodes the row, half the column (official layout: the
-    first half from ``np.meshgrid``'s first output, the column index); an all-zero entry first for the CLS token."""
-    if embed_dim % 4:
-        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, got {embed_dim}")
-    grid_h = np.arange(grid_size, dtype=np.float32)
-    grid_w = np.arange(grid_size, dtype=np.float32)
-    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape([2, 1, grid_size, grid_size])
-    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])
-    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])
-    pos_embed = np.concatenate([emb_h, emb_w], axis=1)
-    if cls_token:
-        pos_embed = np.concatenate([np.zeros([1, embed_dim]), pos_embed], axis=0)
-    return pos_embed
+from ssltrain.models.pos_embed import freeze_sincos_pos_embed, sincos_pos_embed_2d
 
 
 def random_masking(noise: Tensor, len_keep: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -107,7 +80,7 @@ class MAE(Method):
         dim = cfg.decoder_dim
         self.decoder_embed = nn.Linear(feature_dim, dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        pos = torch.from_numpy(get_2d_sincos_pos_embed(dim, grid, cls_token=True)).float().unsqueeze(0)
+        pos = sincos_pos_embed_2d(dim, grid, grid, cls_token=True).float().unsqueeze(0)
         self.register_buffer("decoder_pos_embed", pos)  # fixed, as the official's requires_grad=False parameter
         # timm's Block and LayerNorm (eps 1e-6, the official mae_vit_* norm_layer), as the official decoder
         self.decoder_blocks = nn.ModuleList(
@@ -148,11 +121,7 @@ class MAE(Method):
         grid = vit.patch_embed.grid_size
         if grid != (self.grid, self.grid):
             raise ValueError(f"the ViT's position embedding is stored for a {grid} grid, the crops make {self.grid}")
-        with_cls = pos.shape[1] == self.num_patches + 1
-        table = get_2d_sincos_pos_embed(pos.shape[-1], self.grid, cls_token=with_cls)
-        with torch.no_grad():
-            pos.copy_(torch.from_numpy(table).float().unsqueeze(0))
-        pos.requires_grad_(False)
+        freeze_sincos_pos_embed(vit)
         w = vit.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
         nn.init.normal_(cls_token, std=0.02)
