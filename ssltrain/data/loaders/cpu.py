@@ -19,7 +19,7 @@ from ssltrain.config import Config
 from ssltrain.data.augment import CPURenderer, EvalTransform, SampleRandom
 from ssltrain.data.loaders.dataset import (
     BatchMasks,
-    CollateWithMasks,
+    collate_for,
     Sample,
     SeededSamples,
     Skipped,
@@ -106,9 +106,8 @@ def build_cpu_loader(
 ) -> Iterable[Views]:
     """The CPU image path; also what ``data.loader=dali`` falls back to where DALI cannot run."""
     dataset = AugmentedShards(catalog, CPURenderer(cfg.augment), cfg.seed)
-    collate = collate_views if masks is None else CollateWithMasks(collate_views, masks)
     loader: DataLoader = make_loader(
-        dataset, cfg.data.workers, pin_memory=device.type == "cuda", batch_sampler=sampler, collate=collate
+        dataset, cfg.data.workers, pin_memory=device.type == "cuda", batch_sampler=sampler, collate=collate_for(masks)
     )
     return loader
 

@@ -149,6 +149,12 @@ class CollateWithMasks:
         return views
 
 
+def collate_for(masks: BatchMasks | None) -> Callable[[list[Any]], Views]:
+    """The training loaders' collate: :func:`collate_views`, drawing the batch's masks as well when a method has
+    them."""
+    return collate_views if masks is None else CollateWithMasks(collate_views, masks)
+
+
 WORKER_TIMEOUT_S = 600
 
 

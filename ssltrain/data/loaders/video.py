@@ -22,7 +22,7 @@ from ssltrain.config import Config, check_video_config
 from ssltrain.data.augment import CPURenderer, SampleRandom, ViewParams, ViewSpec, apply
 from ssltrain.data.loaders.dataset import (
     BatchMasks,
-    CollateWithMasks,
+    collate_for,
     Sample,
     SeededSamples,
     Unreadable,
@@ -152,11 +152,10 @@ def build_video_loader(
     """This rank's batches of two-view clips (or frames), one per item of ``sampler``, decoded in DataLoader workers."""
     check_video_config(cfg)
     require_ffmpeg()
-    collate = collate_views if masks is None else CollateWithMasks(collate_views, masks)
     return make_loader(
         VideoClips(catalog, cfg),
         cfg.data.workers,
         pin_memory=device.type == "cuda",
         batch_sampler=sampler,
-        collate=collate,
+        collate=collate_for(masks),
     )
