@@ -161,9 +161,12 @@ def test_slurm_job_with_workers_checkpoints_at_usr2_and_requeue_and_ends_equal(c
     ``scontrol requeue`` (SIGTERM to every process of the step; Slurm requeues it): each time it checkpoints at the
     signal's step (there are no periodic checkpoints), restarts from there, and it ends with the parameters of an
     uninterrupted run (bit for bit: the data order and every draw are functions of the seed and position)."""
+    from ssltrain.engine.loop import train
     from ssltrain.launch import slurm
 
     make_shards(tmp_path, [24, 24])
+    # The reference first: run while the job runs, a slow one held the signals back until the job had ended.
+    reference = train(config(tmp_path, "reference", steps=40, **{"data.workers": 0}))
     cfg = slurm.resolve(config(tmp_path, "requeued", steps=40))
     run = cfg.run_dir
     job_id = str(slurm.submit(cfg, slurm.SlurmSpec(tasks_per_node=1, time_min=10)).job_id)
@@ -184,25 +187,12 @@ def test_slurm_job_with_workers_checkpoints_at_usr2_and_requeue_and_ends_equal(c
         assert signalled_at <= new[0] <= signalled_at + 2 < cfg.steps, logs()
         return new[0]
 
-    # The reference runs alongside the job, in its own process: run in this one, a slow reference held the signals
-    # back until the job had run to its end.
-    ref_cfg = config(tmp_path, "reference", steps=40, **{"data.workers": 0})
-    (tmp_path / "reference.yaml").write_text(to_yaml(ref_cfg))
-    reference = subprocess.Popen(
-        [sys.executable, "-m", "ssltrain.cli", "train", str(tmp_path / "reference.yaml")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
     try:
         at_usr2 = interrupt(["scancel", "--signal=USR2", job_id], 1)
         at_term = interrupt(["scontrol", "requeue", job_id], 2)
         assert slurm.wait(job_id, poll_s=0.5, timeout_s=120) == "COMPLETED", logs()
-        out, _ = reference.communicate(timeout=240)
-        assert reference.returncode == 0, out[-4000:]
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
-        reference.kill()
 
     text = next((run / "slurm").glob(f"{job_id}_0_log.err")).read_text()
     assert checkpoint_steps(run) == [at_usr2, at_term, cfg.steps], text
@@ -210,6 +200,6 @@ def test_slurm_job_with_workers_checkpoints_at_usr2_and_requeue_and_ends_equal(c
     assert text.count("received SIGUSR2") == text.count("received SIGTERM") == 1, text  # not the workers
     assert f"step-{at_usr2} (step" in text and f"step-{at_term} (step" in text, text  # "resumed from .../step-N"
     assert "DataLoader worker" not in text, text
-    got, want = load_checkpoint(run, ("model",))["model"], load_checkpoint(ref_cfg.run_dir, ("model",))["model"]
+    got, want = load_checkpoint(run, ("model",))["model"], load_checkpoint(reference, ("model",))["model"]
     assert got.keys() == want.keys()
     assert not [key for key in want if not torch.equal(got[key], want[key])], "parameters differ after the requeues"
