@@ -123,12 +123,7 @@ class IJEPA(Method):
             )
         self.predictor = IJEPAPredictor(feature_dim, grid, cfg.predictor_width, cfg.predictor_depth, heads)
         if cfg.fixed_pos_embed:
-            if tuple(backbone.patch_embed.grid_size) != tuple(grid):
-                raise ValueError(
-                    f"method.ijepa.fixed_pos_embed: the ViT's position embedding is stored for a "
-                    f"{tuple(backbone.patch_embed.grid_size)} grid, the masks are drawn for {grid}"
-                )
-            freeze_sincos_pos_embed(backbone)
+            freeze_sincos_pos_embed(backbone, grid)
         self.teacher_backbone = cast(ViT, frozen_copy(backbone))
         self.masks = MultiBlockMasks(
             MultiBlockSpec(

@@ -118,10 +118,7 @@ class MAE(Method):
         pos, cls_token = vit.pos_embed, vit.cls_token
         if pos is None or cls_token is None:
             raise ValueError("MAE needs a ViT with a CLS token and an absolute position embedding")
-        grid = vit.patch_embed.grid_size
-        if grid != (self.grid, self.grid):
-            raise ValueError(f"the ViT's position embedding is stored for a {grid} grid, the crops make {self.grid}")
-        freeze_sincos_pos_embed(vit)
+        freeze_sincos_pos_embed(vit, (self.grid, self.grid))
         w = vit.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
         nn.init.normal_(cls_token, std=0.02)

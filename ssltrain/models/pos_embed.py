@@ -31,13 +31,16 @@ def sincos_pos_embed_2d(dim: int, height: int, width: int, cls_token: bool = Fal
     return table
 
 
-def freeze_sincos_pos_embed(vit: ViT) -> None:
+def freeze_sincos_pos_embed(vit: ViT, grid: tuple[int, int]) -> None:
     """Replace ``vit``'s learned position embedding by the fixed sin-cos table of its stored grid and stop its
-    gradient (the official ``requires_grad=False``); the CLS entry, where the ViT embeds one, is zero."""
+    gradient (the official ``requires_grad=False``); the CLS entry, where the ViT embeds one, is zero. ``grid`` is
+    the patch grid the method's crops make: the table must be stored for it."""
     pos = vit.pos_embed
     if pos is None:
         raise ValueError("a fixed sin-cos position embedding needs a ViT with an absolute position embedding")
     height, width = vit.patch_embed.grid_size
+    if (height, width) != tuple(grid):
+        raise ValueError(f"the ViT's position embedding is stored for a {(height, width)} grid, the crops make {grid}")
     with_cls = pos.shape[1] == height * width + 1
     table = sincos_pos_embed_2d(pos.shape[-1], height, width, cls_token=with_cls)
     with torch.no_grad():
